@@ -1,0 +1,397 @@
+"""The `Balancer`: a `Backend` that spreads calls over backends with state shared by processes.
+
+A call flows one way: the shared state gives a `View`, the strategy picks a slot from it, the
+state commits the pick under the lock (or the balancer asks again if the view went stale),
+the backend proxy of this process answers outside the lock, and the state records the outcome.
+
+The process that creates a balancer owns its segment and unlinks it on close. A forked child
+keeps the mapping; a spawned child, or any process given the pickled balancer or its name,
+attaches to it. Each process has its own worker row, proxies and view cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from multiprocessing import shared_memory
+from time import monotonic_ns
+from typing import Any
+
+from . import layout as L
+from . import segment, workers
+from .address import parse_address
+from .backends import Backend, HttpBackend
+from .checks import check_int, check_seconds
+from .errors import (
+    CapacityExceeded,
+    DispatcherError,
+    DuplicateBackend,
+    NoBackendAvailable,
+    SegmentError,
+)
+from .lock import new_lock, open_lock
+from .policy import EjectionPolicy
+from .state import CANCELLED, FAILURE, SUCCESS, BackendStats, Membership, SharedState, View
+from .strategies import STRATEGIES, Strategy, make_strategy
+
+BackendFactory = Callable[[str], Backend]
+
+MAX_WEIGHT = 1_000_000
+
+_CLOSED = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
+_CLOSED[L.H_VERSION] = -2
+_NO_VIEW = Membership(View(-3, (), (), (), (), ()), (), frozenset())
+
+_balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
+
+
+class Balancer:
+    """Spreads calls over backends, with one view of load for every process that uses it.
+
+    Itself a `Backend`: ``invoke(request, timeout=..., key=...)`` picks a backend, calls it
+    outside the shared lock, and records the outcome. See the README for the arguments.
+    """
+
+    def __init__(
+        self,
+        addrs: Iterable[str] = (),
+        *,
+        backend_factory: BackendFactory = HttpBackend,
+        strategy: str | Strategy = "round_robin",
+        capacity: int = 64,
+        max_workers: int = 128,
+        failure_threshold: int = 5,
+        ejection_seconds: float = 30.0,
+        max_ejection_seconds: float = 300.0,
+        max_ejected_percent: int = 50,
+    ) -> None:
+        check_int("capacity", capacity, 1, 1 << 16)
+        check_int("max_workers", max_workers, 1, 1 << 16)
+        policy = EjectionPolicy.from_seconds(
+            failure_threshold, ejection_seconds, max_ejection_seconds, max_ejected_percent
+        )
+        chosen = make_strategy(strategy)
+        if not callable(backend_factory):
+            raise TypeError("backend_factory must be callable as backend_factory(addr)")
+        if isinstance(addrs, str):
+            raise TypeError("addrs must be an iterable of 'host:port' strings, not one string")
+        parsed = [parse_address(addr) for addr in addrs]
+        for i, addr in enumerate(parsed):
+            if addr in parsed[:i]:
+                raise DuplicateBackend(addr)
+        if len(parsed) > capacity:
+            raise CapacityExceeded(f"{len(parsed)} addresses do not fit capacity={capacity}")
+
+        layout = L.Layout(capacity, max_workers)
+        lock, lock_name = new_lock()
+        shm = segment.create(layout.size)
+        try:
+            buf = segment.buffer(shm)
+            L.write_header(buf.cast("q"), layout, os.getpid())
+            L.write_name(buf, L.H_LOCK_NAME, lock_name)
+            L.write_name(buf, L.H_STRATEGY_NAME, strategy if isinstance(strategy, str) else "")
+            state = SharedState(buf, layout, lock)
+            state.store_policy(policy)
+            for addr in parsed:
+                state.register(addr.encode(), 1)
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+        self._lock = lock
+        self._setup(shm, state, strategy, chosen, backend_factory, os.getpid())
+
+    def _setup(  # noqa: PLR0917
+        self,
+        shm: shared_memory.SharedMemory,
+        state: SharedState,
+        spec: str | Strategy,
+        strategy: Strategy,
+        backend_factory: BackendFactory,
+        owner_pid: int,
+    ) -> None:
+        self._shm = shm
+        self._state = state
+        self._words = state.words
+        self._spec = spec
+        self._strategy = strategy
+        self._uses_cursor = bool(strategy.uses_cursor)
+        self._factory = backend_factory
+        self._owner_pid = owner_pid
+        self._closed = False
+        self._finalizer = weakref.finalize(
+            self, _close_segment, shm, state, owner_pid if owner_pid == os.getpid() else -1
+        )
+        self._reset_process()
+        _balancers.add(self)
+
+    def _reset_process(self) -> None:
+        """Forget everything that belongs to one process: worker row, proxies, view cache."""
+        self._pid = os.getpid()
+        self._row = -1
+        self._proxies: dict[str, Backend] = {}
+        self._membership = _NO_VIEW
+        self._local_lock = threading.Lock()
+        self._state.after_fork()
+
+    # Attaching ---------------------------------------------------------------------------
+
+    @classmethod
+    def attach(
+        cls,
+        name: str,
+        *,
+        backend_factory: BackendFactory = HttpBackend,
+        strategy: str | Strategy | None = None,
+    ) -> Balancer:
+        """Attach to the balancer whose segment is `name`, created by another process.
+
+        `strategy` defaults to the owner's, when the owner chose one by name.
+        """
+        shm = segment.attach(name)
+        try:
+            buf = segment.buffer(shm)
+            header = buf[: L.HEADER_WORDS * L.WORD].cast("q")
+            try:
+                layout = L.read_layout(header, name, shm.size)
+                closed = header[L.H_VERSION] < 0
+            finally:
+                header.release()
+            if closed:
+                raise SegmentError(f"the balancer {name!r} was closed by its owner")
+            if strategy is None:
+                strategy = L.read_name(buf, L.H_STRATEGY_NAME)
+                if strategy not in STRATEGIES:
+                    raise ValueError(
+                        f"the owner of {name!r} uses a custom strategy: pass strategy= to attach"
+                    )
+            chosen = make_strategy(strategy)
+            lock = open_lock(L.read_name(buf, L.H_LOCK_NAME))
+            state = SharedState(buf, layout, lock)
+            state.load_policy()
+            owner = int(state.words[L.H_OWNER_PID])
+        except BaseException:
+            shm.close()
+            raise
+        balancer = cls.__new__(cls)
+        balancer._lock = lock
+        balancer._setup(shm, state, strategy, chosen, backend_factory, owner)
+        return balancer
+
+    def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
+        return (_attach_pickled, (self.name, self._factory, self._spec))
+
+    # Calls -------------------------------------------------------------------------------
+
+    def invoke(self, request: Any, *, timeout: float | None = None, key: object = None) -> Any:
+        """Call one backend with `request`; its answer, or its exception, is the result.
+
+        `key` makes the call sticky for strategies that hash it (any str, bytes or int).
+        Raises `NoBackendAvailable` if no backend is eligible.
+        """
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        slot, generation, proxy = self._pick(None if key is None else _key_hash(key))
+        finish, row = self._state.finish, self._row
+        start = monotonic_ns()
+        try:
+            response = proxy.invoke(request, timeout=timeout)
+        except Exception:
+            finish(slot, generation, row, FAILURE, start)
+            raise
+        except BaseException:
+            finish(slot, generation, row, CANCELLED, start)
+            raise
+        finish(slot, generation, row, SUCCESS, start)
+        return response
+
+    def _pick(self, key: int | None) -> tuple[int, int, Backend]:
+        """Choose and commit a slot; return it with its generation and this process's proxy."""
+        if self._row < 0:
+            self._claim_row()
+        words, strategy, commit = self._words, self._strategy, self._state.commit
+        while True:
+            now = monotonic_ns()
+            membership = self._membership
+            view = membership.view
+            if view.version != words[L.H_VERSION] or now >= view.expires_ns:
+                membership = self._refresh(now)
+                view = membership.view
+            if not view.slots:
+                raise NoBackendAvailable(self._why_none())
+            cursor = words[L.H_CURSOR] if self._uses_cursor else -1
+            slot = strategy.pick(view, cursor, key)
+            addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
+            if addr is None:
+                raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
+            generation = commit(view.version, slot, cursor, self._row, now)
+            if generation >= 0:
+                proxy = self._proxies.get(addr)
+                if proxy is None:
+                    proxy = self._proxy(addr)
+                return slot, generation, proxy
+
+    def _refresh(self, now: int) -> Membership:
+        if self._closed:
+            raise SegmentError("this balancer is closed")
+        membership = self._state.membership(now)
+        self._membership = membership
+        if not self._proxies.keys() <= membership.live:
+            with self._local_lock:
+                gone = [self._proxies.pop(a) for a in self._proxies.keys() - membership.live]
+            for proxy in gone:
+                _close_proxy(proxy)
+        return membership
+
+    def _proxy(self, addr: str) -> Backend:
+        with self._local_lock:
+            proxy = self._proxies.get(addr)
+            if proxy is None:
+                proxy = self._proxies[addr] = self._factory(addr)
+            return proxy
+
+    def _claim_row(self) -> None:
+        with self._local_lock:
+            if self._row >= 0:
+                return
+            pid = os.getpid()
+            start = workers.start_time(pid)
+            if start is None:
+                raise DispatcherError(f"cannot read the start time of this process ({pid})")
+            row = self._state.claim_row(pid, start)
+            if row < 0 and self.reap():
+                row = self._state.claim_row(pid, start)
+            if row < 0:
+                raise CapacityExceeded(
+                    f"all {self._state.layout.max_workers} worker rows are taken by live "
+                    f"processes; create the balancer with a larger max_workers"
+                )
+            self._row = self._state.row_base(row)
+
+    def _why_none(self) -> str:
+        stats = self.snapshot()
+        if not stats:
+            return "no backend is registered"
+        return f"all {len(stats)} backends are ejected"
+
+    # Membership --------------------------------------------------------------------------
+
+    def register(self, addr: str, weight: int = 1) -> None:
+        """Add a backend; every process sees it on its next pick."""
+        canonical = parse_address(addr)
+        check_int("weight", weight, 1, MAX_WEIGHT)
+        self._live_state().register(canonical.encode(), weight)
+
+    def unregister(self, addr: str) -> None:
+        """Remove a backend at once; calls in flight on it finish and leave no count behind."""
+        canonical = parse_address(addr)
+        self._live_state().unregister(canonical.encode())
+        with self._local_lock:
+            proxy = self._proxies.pop(canonical, None)
+        _close_proxy(proxy)
+
+    def snapshot(self) -> list[BackendStats]:
+        """Every registered backend's numbers, as every attached process sees them."""
+        return self._live_state().snapshot(monotonic_ns())
+
+    def reap(self) -> int:
+        """Reclaim the in-flight counts of worker processes that died; return how many died."""
+        state = self._live_state()
+        dead = 0
+        for row, pid, start in state.rows():
+            if not workers.is_alive(pid, start) and state.reap(row, pid, start):
+                dead += 1
+        return dead
+
+    def _live_state(self) -> SharedState:
+        if self._closed:
+            raise SegmentError("this balancer is closed")
+        return self._state
+
+    # Identity and lifetime ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The shared segment's name: what `Balancer.attach` and ``dispatcher top`` take."""
+        return self._shm.name
+
+    @property
+    def is_owner(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @property
+    def capacity(self) -> int:
+        return self._state.layout.capacity
+
+    def close(self) -> None:
+        """Detach; in the owner, also unlink the segment so no process can attach again."""
+        if self._closed:
+            return
+        self._closed = True
+        self._words = _CLOSED
+        self._membership = _NO_VIEW
+        with self._local_lock:
+            proxies, self._proxies = self._proxies, {}
+        for proxy in proxies.values():
+            _close_proxy(proxy)
+        self._finalizer()
+
+    def __enter__(self) -> Balancer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.is_owner else "attached"
+        state = "closed" if self._closed else role
+        return f"<Balancer {self._shm.name} {state} strategy={self._spec!r}>"
+
+
+def _close_segment(shm: shared_memory.SharedMemory, state: SharedState, owner_pid: int) -> None:
+    owner = owner_pid == os.getpid()
+    if owner:
+        state.mark_closed()
+    state.release_views()
+    shm.close()
+    if owner:
+        shm.unlink()
+
+
+def _close_proxy(proxy: object) -> None:
+    close = getattr(proxy, "close", None)
+    if close is not None:
+        close()
+
+
+def _attach_pickled(name: str, backend_factory: BackendFactory, spec: str | Strategy) -> Balancer:
+    return Balancer.attach(name, backend_factory=backend_factory, strategy=spec)
+
+
+def _key_hash(key: object) -> int:
+    """A 64-bit hash of `key` that is the same in every process (unlike the salted ``hash``)."""
+    if isinstance(key, str):
+        data = key.encode("utf-8", "surrogatepass")
+    elif isinstance(key, bytes | bytearray | memoryview):
+        data = bytes(key)
+    elif isinstance(key, int) and not isinstance(key, bool):
+        data = key.to_bytes((key.bit_length() + 8) // 8, "big", signed=True)
+    else:
+        raise TypeError(f"key must be str, bytes or int, not {type(key).__name__}")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _after_fork_in_child() -> None:
+    for balancer in list(_balancers):
+        if not balancer._closed:
+            balancer._reset_process()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

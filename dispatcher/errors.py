@@ -1,0 +1,62 @@
+"""Every error `dispatcher` raises, under one base.
+
+Errors cross process boundaries (a worker pool sends them back through futures), so each one
+that carries extra fields defines ``__reduce__`` and survives pickling.
+"""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Base of every error raised by `dispatcher`."""
+
+
+class NoBackendAvailable(DispatcherError):
+    """Raised when a pick finds no eligible backend: none registered, or all ejected."""
+
+
+class DuplicateBackend(DispatcherError, ValueError):
+    """Raised when registering an address that is already registered."""
+
+    def __init__(self, addr: str) -> None:
+        super().__init__(f"backend {addr!r} is already registered")
+        self.addr = addr
+
+    def __reduce__(self) -> tuple[type[DuplicateBackend], tuple[str]]:
+        return (type(self), (self.addr,))
+
+
+class UnknownBackend(DispatcherError, LookupError):
+    """Raised when unregistering an address that is not registered."""
+
+    def __init__(self, addr: str) -> None:
+        super().__init__(f"backend {addr!r} is not registered")
+        self.addr = addr
+
+    def __reduce__(self) -> tuple[type[UnknownBackend], tuple[str]]:
+        return (type(self), (self.addr,))
+
+
+class CapacityExceeded(DispatcherError):
+    """Raised when the shared segment has no free slot (backends) or row (worker processes)."""
+
+
+class InvalidAddress(DispatcherError, ValueError):
+    """Raised when an address is not ``host:port`` with a valid host and a port in 1-65535."""
+
+
+class SegmentError(DispatcherError):
+    """Raised when a shared segment is missing, closed by its owner, or not a `dispatcher` one."""
+
+
+class BackendError(DispatcherError):
+    """Raised by `HttpBackend` when a call fails: no connection, a timeout, or a 5xx answer."""
+
+    def __init__(self, addr: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{addr}: {message}")
+        self.addr = addr
+        self.message = message
+        self.status = status
+
+    def __reduce__(self) -> tuple[type[BackendError], tuple[str, str, int | None]]:
+        return (type(self), (self.addr, self.message, self.status))

@@ -1,0 +1,181 @@
+"""Where each number lives in the shared segment; this module knows bytes and nothing else.
+
+The segment is an array of 8-byte words, read through two casts of the same buffer: ``q``
+(signed 64-bit integers) and ``d`` (doubles, for the latency average only). Per-backend fields
+are stored field-major, so a strategy scanning the in-flight counts reads one contiguous run::
+
+    word 0                HEADER_WORDS                                       total
+    +--------------------+-------------------------------------------------+
+    | header (64 words)  | per-slot fields, one run of `capacity` words    |
+    |  magic, layout,    |   STATE[c] GENERATION[c] WEIGHT[c] IN_FLIGHT[c] |
+    |  sizes, owner,     |   REQUESTS[c] FAILURES[c] ... REGISTERED_NS[c]  |
+    |  version, cursor,  +-------------------------------------------------+
+    |  lock holder,      | latency histogram: c x BUCKETS words            |
+    |  policy, names     +-------------------------------------------------+
+    |                    | addresses: c x 256 bytes (length byte + UTF-8)  |
+    |                    +-------------------------------------------------+
+    |                    | worker rows: w x (PID, START, IN_FLIGHT[c])     |
+    +--------------------+-------------------------------------------------+
+
+Nothing here takes a lock; `dispatcher.state` says which lock guards which word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SegmentError
+
+WORD = 8
+MAGIC = int.from_bytes(b"dispatch", "little")
+LAYOUT_VERSION = 1
+HEADER_WORDS = 64
+ADDRESS_BYTES = 256
+NAME_BYTES = 64
+
+# Header words.
+H_MAGIC = 0
+H_LAYOUT = 1
+H_CAPACITY = 2
+H_MAX_WORKERS = 3
+H_SIZE = 4
+H_OWNER_PID = 5
+H_VERSION = 6
+"""Membership version: bumped by every change of the eligible set; -1 once the owner closed."""
+H_CURSOR = 7
+H_LOCK_PID = 8
+H_LOCK_SINCE_NS = 9
+H_FAILURE_THRESHOLD = 10
+H_EJECTION_BASE_NS = 11
+H_EJECTION_MAX_NS = 12
+H_MAX_EJECTED_PERCENT = 13
+H_LOCK_NAME = 16
+"""Start of the lock's semaphore name (NAME_BYTES bytes, length-prefixed)."""
+H_STRATEGY_NAME = 24
+"""Start of the owner's strategy name (NAME_BYTES bytes), so attach-by-name can reuse it."""
+
+# Per-slot fields, in order; each is a run of `capacity` words.
+STATE = 0
+GENERATION = 1
+WEIGHT = 2
+IN_FLIGHT = 3
+REQUESTS = 4
+FAILURES = 5
+CONSECUTIVE_FAILURES = 6
+LAST_FAILURE_NS = 7
+EJECTED_UNTIL_NS = 8
+TIMES_EJECTED = 9
+EWMA_NS = 10
+"""Exponentially weighted latency average, a double."""
+EWMA_STAMP_NS = 11
+REGISTERED_NS = 12
+SLOT_FIELDS = 13
+
+FREE = 0
+LIVE = 1
+
+BUCKETS = 72
+"""Half-octave latency buckets: ``2 * bit_length(ns) + next bit``; the last holds >= 51 s."""
+
+# Worker row words, before its per-slot in-flight run.
+W_PID = 0
+W_START = 1
+W_HEADER = 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Word offsets of every region for a given capacity and number of worker rows."""
+
+    capacity: int
+    max_workers: int
+
+    def field(self, field: int) -> int:
+        """Word index of slot 0 of `field`."""
+        return HEADER_WORDS + field * self.capacity
+
+    @property
+    def histogram(self) -> int:
+        return HEADER_WORDS + SLOT_FIELDS * self.capacity
+
+    @property
+    def addresses(self) -> int:
+        """Byte offset of slot 0's address."""
+        return (self.histogram + BUCKETS * self.capacity) * WORD
+
+    @property
+    def workers(self) -> int:
+        return self.addresses // WORD + self.capacity * ADDRESS_BYTES // WORD
+
+    @property
+    def worker_stride(self) -> int:
+        return W_HEADER + self.capacity
+
+    @property
+    def words(self) -> int:
+        return self.workers + self.max_workers * self.worker_stride
+
+    @property
+    def size(self) -> int:
+        return self.words * WORD
+
+
+def bucket_of(latency_ns: int) -> int:
+    """Histogram bucket of a latency: two per power of two, so p99 is within ~19%."""
+    if latency_ns < 2:
+        return 0
+    bits = latency_ns.bit_length()
+    return min(BUCKETS - 1, 2 * bits + ((latency_ns >> (bits - 2)) & 1) - 2)
+
+
+def bucket_floor_ns(bucket: int) -> int:
+    """Smallest latency that lands in `bucket` (inverse of `bucket_of` for bucket >= 2)."""
+    bits, half = divmod(bucket + 2, 2)
+    return (2 + half) << (bits - 2) if bits >= 2 else bucket
+
+
+def write_header(words: memoryview, layout: Layout, owner_pid: int) -> None:
+    """Fill the identifying header words of a fresh, zeroed segment."""
+    words[H_LAYOUT] = LAYOUT_VERSION
+    words[H_CAPACITY] = layout.capacity
+    words[H_MAX_WORKERS] = layout.max_workers
+    words[H_SIZE] = layout.size
+    words[H_OWNER_PID] = owner_pid
+    words[H_MAGIC] = MAGIC
+
+
+def read_layout(words: memoryview, name: str, size: int) -> Layout:
+    """Return the layout a segment declares, once its header proves it is ours."""
+    if len(words) < HEADER_WORDS or words[H_MAGIC] != MAGIC:
+        raise SegmentError(f"shared memory {name!r} is not a dispatcher segment")
+    if words[H_LAYOUT] != LAYOUT_VERSION:
+        raise SegmentError(
+            f"shared memory {name!r} has layout version {words[H_LAYOUT]}, "
+            f"this dispatcher reads version {LAYOUT_VERSION}"
+        )
+    capacity, max_workers = words[H_CAPACITY], words[H_MAX_WORKERS]
+    if capacity < 1 or max_workers < 1:
+        raise SegmentError(f"shared memory {name!r} has a corrupt header")
+    layout = Layout(capacity, max_workers)
+    if words[H_SIZE] != layout.size or size < layout.size:
+        raise SegmentError(
+            f"shared memory {name!r} is {size} bytes, its header declares {words[H_SIZE]} "
+            f"and its layout needs {layout.size}"
+        )
+    return layout
+
+
+def write_name(buf: memoryview, word: int, value: str) -> None:
+    """Store a short ASCII name, length-prefixed, at header word `word`."""
+    data = value.encode("ascii")
+    if len(data) >= NAME_BYTES:
+        raise ValueError(f"name {value!r} is longer than {NAME_BYTES - 1} bytes")
+    start = word * WORD
+    buf[start] = len(data)
+    buf[start + 1 : start + 1 + len(data)] = data
+
+
+def read_name(buf: memoryview, word: int) -> str:
+    start = word * WORD
+    length = min(buf[start], NAME_BYTES - 1)
+    return bytes(buf[start + 1 : start + 1 + length]).decode("ascii", "replace")

@@ -1,0 +1,58 @@
+"""When a failing backend is taken out of rotation, and for how long.
+
+Modelled on Envoy's outlier detection: `failure_threshold` consecutive failures eject a backend
+for ``base x times ejected``, capped, and at most `max_ejected_percent` of the live backends are
+out at once (at least one may always go, the last eligible one never does). The policy lives in
+the segment header, so every process applies the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checks import check_int, check_seconds
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class EjectionPolicy:
+    failure_threshold: int = 5
+    base_ns: int = 30 * NS
+    max_ns: int = 300 * NS
+    max_ejected_percent: int = 50
+
+    @classmethod
+    def from_seconds(
+        cls,
+        failure_threshold: int,
+        ejection_seconds: float,
+        max_ejection_seconds: float,
+        max_ejected_percent: int,
+    ) -> EjectionPolicy:
+        """Validate user-facing arguments and convert them to the stored integer form."""
+        check_int("failure_threshold", failure_threshold, 1)
+        check_int("max_ejected_percent", max_ejected_percent, 0, 100)
+        check_seconds("ejection_seconds", ejection_seconds)
+        check_seconds("max_ejection_seconds", max_ejection_seconds)
+        if max_ejection_seconds < ejection_seconds:
+            raise ValueError(
+                f"max_ejection_seconds ({max_ejection_seconds}) is below "
+                f"ejection_seconds ({ejection_seconds})"
+            )
+        return cls(
+            failure_threshold,
+            round(ejection_seconds * NS),
+            round(max_ejection_seconds * NS),
+            max_ejected_percent,
+        )
+
+    def duration_ns(self, times_ejected: int) -> int:
+        """How long the `times_ejected`-th ejection (counting from 1) lasts."""
+        return min(self.base_ns * times_ejected, self.max_ns)
+
+    def may_eject(self, live: int, ejected: int) -> bool:
+        """Whether one more of `live` backends may go when `ejected` of them already are out."""
+        if live - ejected <= 1:
+            return False
+        return ejected == 0 or (ejected + 1) * 100 <= self.max_ejected_percent * live

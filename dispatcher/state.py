@@ -1,0 +1,499 @@
+"""The shared numbers of one balancer and the discipline of the lock that guards them.
+
+Lock discipline, which every method here follows:
+
+* One lock guards every write to the segment. Reads may be unlocked (a strategy scanning
+  in-flight counts sees values at most one commit old); decisions that must be exact, like
+  "is this slot still the one I chose", are re-checked under the lock.
+* Nothing under the lock blocks, performs I/O, calls user code or allocates more than a
+  constant: values are computed before the lock is taken and only written inside it.
+* Each update writes the word that makes it visible last (a slot's STATE, the membership
+  VERSION), so a process that dies between two writes leaves the update invisible, not
+  half-done. The one derived total, global in-flight, can be recomputed from the per-worker
+  rows (`repair`).
+* The holder's pid and the time it took the lock are written after every acquire, so a
+  waiter can tell a dead holder from a slow one.
+
+Each process that picks owns one worker row: its own in-flight per slot, next to its pid and
+start time, so the contribution of a process that dies mid-call can be subtracted (`reap`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from time import monotonic_ns
+from typing import Any, Protocol, TypeVar
+
+from . import layout as L
+from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
+from .latency import peak_ewma, sample_ns
+from .policy import EjectionPolicy
+
+SUCCESS = 0
+FAILURE = 1
+CANCELLED = 2
+"""Outcomes of a call: a cancelled call (KeyboardInterrupt, a killed task) only ends in-flight."""
+
+T = TypeVar("T")
+
+
+class LockLike(Protocol):
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a strategy may read: the eligible slots of one membership version, and live loads.
+
+    `in_flight` and `latency` are indexed by slot and read without the lock; the other fields
+    are fixed for the life of the view. Tests of strategies build one from plain lists.
+    """
+
+    version: int
+    slots: tuple[int, ...]
+    """Eligible slots, ascending: live and not ejected."""
+    weights: Sequence[int]
+    in_flight: Sequence[int]
+    latency: Sequence[float]
+    """Peak-EWMA latency in nanoseconds; 0.0 before a slot's first answer."""
+    warm_since_ns: Sequence[int]
+    """When each slot last entered rotation (registered, or its ejection ended)."""
+    expires_ns: int = 1 << 62
+    """When an ejection ends and this view must be rebuilt even if no version changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    """One backend's numbers at one moment, the same from every attached process."""
+
+    addr: str
+    weight: int
+    in_flight: int
+    requests: int
+    failures: int
+    consecutive_failures: int
+    ejected: bool
+    ejected_until: float | None
+    """A `time.monotonic()` value in seconds, while ejected."""
+    times_ejected: int
+    last_failure: float | None
+    latency_ewma: float | None
+    """Peak-EWMA latency in seconds."""
+    histogram: tuple[int, ...]
+    """Completed calls per latency bucket (see `dispatcher.layout.bucket_of`)."""
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    view: View
+    addrs: tuple[str | None, ...]
+    """The address of every slot of `view.slots`, None for the others."""
+    live: frozenset[str]
+    """Every registered address, ejected or not."""
+
+
+class SharedState:
+    """Operations on one segment's words; every write happens under `lock`."""
+
+    def __init__(self, buffer: memoryview | bytearray, layout: L.Layout, lock: LockLike) -> None:
+        self.layout = layout
+        self.lock = lock
+        self._buf = memoryview(buffer)[: layout.size]
+        self._words = self._buf.cast("q")
+        self._floats = self._buf.cast("d")
+        self._views: list[memoryview[Any]] = [self._buf, self._words, self._floats]
+        c = layout.capacity
+        self._c = c
+        self._state = layout.field(L.STATE)
+        self._gen = layout.field(L.GENERATION)
+        self._weight = layout.field(L.WEIGHT)
+        self._inflight = layout.field(L.IN_FLIGHT)
+        self._requests = layout.field(L.REQUESTS)
+        self._failures = layout.field(L.FAILURES)
+        self._consecutive = layout.field(L.CONSECUTIVE_FAILURES)
+        self._last_failure = layout.field(L.LAST_FAILURE_NS)
+        self._ejected_until = layout.field(L.EJECTED_UNTIL_NS)
+        self._times_ejected = layout.field(L.TIMES_EJECTED)
+        self._ewma = layout.field(L.EWMA_NS)
+        self._stamp = layout.field(L.EWMA_STAMP_NS)
+        self._registered = layout.field(L.REGISTERED_NS)
+        self._hist = layout.histogram
+        self._zero_hist = bytes(L.BUCKETS * L.WORD)
+        self.in_flight = self._slice(self._words, self._inflight)
+        self.latency = self._slice(self._floats, self._ewma)
+        self._acquire = lock.acquire
+        self._release = lock.release
+        self._pid = os.getpid()
+        self.policy = EjectionPolicy()
+
+    def _slice(self, view: memoryview[T], start: int) -> memoryview[T]:
+        part = view[start : start + self._c]
+        self._views.append(part)
+        return part
+
+    def release_views(self) -> None:
+        """Drop every view of the buffer, so the segment can be closed."""
+        for view in reversed(self._views):
+            view.release()
+
+    def after_fork(self) -> None:
+        self._pid = os.getpid()
+
+    # Header ------------------------------------------------------------------------------
+
+    @property
+    def words(self) -> memoryview:
+        return self._words
+
+    @property
+    def buffer(self) -> memoryview:
+        return self._buf
+
+    def version(self) -> int:
+        return int(self._words[L.H_VERSION])
+
+    def cursor(self) -> int:
+        return int(self._words[L.H_CURSOR])
+
+    def load_policy(self) -> None:
+        w = self._words
+        self.policy = EjectionPolicy(
+            int(w[L.H_FAILURE_THRESHOLD]),
+            int(w[L.H_EJECTION_BASE_NS]),
+            int(w[L.H_EJECTION_MAX_NS]),
+            int(w[L.H_MAX_EJECTED_PERCENT]),
+        )
+
+    def store_policy(self, policy: EjectionPolicy) -> None:
+        w = self._words
+        w[L.H_FAILURE_THRESHOLD] = policy.failure_threshold
+        w[L.H_EJECTION_BASE_NS] = policy.base_ns
+        w[L.H_EJECTION_MAX_NS] = policy.max_ns
+        w[L.H_MAX_EJECTED_PERCENT] = policy.max_ejected_percent
+        self.policy = policy
+
+    def mark_closed(self) -> None:
+        """Owner only: make every attached process's next pick fail with `SegmentError`."""
+        self._locked(lambda: self._words.__setitem__(L.H_VERSION, -1))
+
+    # The lock ----------------------------------------------------------------------------
+
+    def _lock(self, now: int) -> None:
+        self._acquire()
+        self._words[L.H_LOCK_PID] = self._pid
+        self._words[L.H_LOCK_SINCE_NS] = now
+
+    def _unlock(self) -> None:
+        self._words[L.H_LOCK_PID] = 0
+        self._release()
+
+    def _locked(self, update: Callable[[], T]) -> T:
+        self._lock(monotonic_ns())
+        try:
+            return update()
+        finally:
+            self._unlock()
+
+    # The hot path ------------------------------------------------------------------------
+
+    def commit(self, version: int, slot: int, cursor: int, row: int, now: int) -> int:
+        """Count a call on `slot` if the view it was chosen from still holds.
+
+        `cursor` is the shared cursor the choice was made from, or -1 if the choice did not
+        use it; a used cursor is advanced only if no other pick got in first. Returns the
+        slot's generation (the ticket `finish` needs), or -1: choose again from a fresh view.
+        """
+        words = self._words
+        self._acquire()
+        try:
+            words[L.H_LOCK_PID] = self._pid
+            words[L.H_LOCK_SINCE_NS] = now
+            if words[L.H_VERSION] != version:
+                return -1
+            if cursor >= 0:
+                if words[L.H_CURSOR] != cursor:
+                    return -1
+                words[L.H_CURSOR] = cursor + 1
+            words[row + slot] += 1
+            words[self._inflight + slot] += 1
+            return int(words[self._gen + slot])
+        finally:
+            words[L.H_LOCK_PID] = 0
+            self._release()
+
+    def finish(self, slot: int, generation: int, row: int, outcome: int, start: int) -> None:
+        """Record the end of a call counted by `commit`: in-flight down, outcome, latency.
+
+        A call whose slot was unregistered meanwhile (generation changed) leaves no trace.
+        """
+        now = monotonic_ns()
+        words = self._words
+        latency = now - start
+        bucket = self._hist + slot * L.BUCKETS + L.bucket_of(latency)
+        ewma_at = self._ewma + slot
+        stamp_at = self._stamp + slot
+        ewma = peak_ewma(
+            self._floats[ewma_at], words[stamp_at], sample_ns(latency, outcome == FAILURE), now
+        )
+        self._acquire()
+        try:
+            words[L.H_LOCK_PID] = self._pid
+            words[L.H_LOCK_SINCE_NS] = now
+            if words[self._gen + slot] != generation:
+                return
+            words[self._inflight + slot] -= 1
+            words[row + slot] -= 1
+            if outcome == CANCELLED:
+                return
+            words[self._requests + slot] += 1
+            words[bucket] += 1
+            self._floats[ewma_at] = ewma
+            words[stamp_at] = now
+            if outcome == SUCCESS:
+                words[self._consecutive + slot] = 0
+            else:
+                self._record_failure(slot, now)
+        finally:
+            words[L.H_LOCK_PID] = 0
+            self._release()
+
+    def _record_failure(self, slot: int, now: int) -> None:
+        """Lock held. Count a failure and eject the slot if the policy says so."""
+        words = self._words
+        policy = self.policy
+        words[self._failures + slot] += 1
+        words[self._last_failure + slot] = now
+        consecutive = words[self._consecutive + slot] + 1
+        words[self._consecutive + slot] = consecutive
+        if consecutive < policy.failure_threshold or words[self._ejected_until + slot] > now:
+            return
+        live = ejected = 0
+        for s in range(self._c):
+            if words[self._state + s] == L.LIVE:
+                live += 1
+                ejected += words[self._ejected_until + s] > now
+        if policy.may_eject(live, ejected):
+            times = words[self._times_ejected + slot] + 1
+            words[self._times_ejected + slot] = times
+            words[self._ejected_until + slot] = now + policy.duration_ns(times)
+            words[L.H_VERSION] += 1
+
+    # Membership --------------------------------------------------------------------------
+
+    def membership(self, now: int) -> Membership:
+        """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
+        c, lay = self._c, self.layout
+        start, end = lay.field(0), lay.field(L.SLOT_FIELDS)
+        addr_start, addr_end = lay.addresses, lay.addresses + c * L.ADDRESS_BYTES
+
+        def copy() -> tuple[int, bytes, bytes]:
+            words = self._words
+            return (
+                int(words[L.H_VERSION]),
+                self._buf[start * 8 : end * 8].tobytes(),
+                (self._buf[addr_start:addr_end].tobytes()),
+            )
+
+        version, fields, addresses = self._locked(copy)
+        if version < 0:
+            raise SegmentError("the balancer was closed by its owner")
+        f = memoryview(fields).cast("q")
+
+        def column(field: int) -> Sequence[int]:
+            return f[(field * c) : (field + 1) * c]
+
+        state, weight = column(L.STATE), column(L.WEIGHT)
+        until, registered = column(L.EJECTED_UNTIL_NS), column(L.REGISTERED_NS)
+        slots: list[int] = []
+        addrs: list[str | None] = [None] * c
+        expires = 1 << 62
+        live = []
+        for slot in range(c):
+            if state[slot] != L.LIVE:
+                continue
+            offset = slot * L.ADDRESS_BYTES
+            addr = addresses[offset + 1 : offset + 1 + addresses[offset]].decode()
+            live.append(addr)
+            if until[slot] > now:
+                expires = min(expires, until[slot])
+                continue
+            slots.append(slot)
+            addrs[slot] = addr
+        view = View(
+            version=version,
+            slots=tuple(slots),
+            weights=tuple(weight),
+            in_flight=self.in_flight,
+            latency=self.latency,
+            warm_since_ns=tuple(max(r, u) for r, u in zip(registered, until, strict=True)),
+            expires_ns=expires,
+        )
+        return Membership(view, tuple(addrs), frozenset(live))
+
+    def register(self, addr: bytes, weight: int) -> int:
+        """Put `addr` (canonical, encoded) in a free slot; return the slot."""
+        if len(addr) >= L.ADDRESS_BYTES:
+            raise ValueError(f"address {addr!r} does not fit a slot")
+        record = bytes([len(addr)]) + addr
+        now = monotonic_ns()
+
+        def update() -> int:
+            if self._find(addr) >= 0:
+                raise DuplicateBackend(addr.decode())
+            words = self._words
+            slot = next((s for s in range(self._c) if words[self._state + s] == L.FREE), -1)
+            if slot < 0:
+                raise CapacityExceeded(f"all {self._c} backend slots are in use (capacity)")
+            for field in range(L.SLOT_FIELDS):
+                if field not in (L.STATE, L.GENERATION):
+                    words[self.layout.field(field) + slot] = 0
+            hist = (self._hist + slot * L.BUCKETS) * L.WORD
+            self._buf[hist : hist + len(self._zero_hist)] = self._zero_hist
+            offset = self.layout.addresses + slot * L.ADDRESS_BYTES
+            self._buf[offset : offset + len(record)] = record
+            words[self._weight + slot] = weight
+            words[self._registered + slot] = now
+            words[self._gen + slot] += 1
+            words[self._state + slot] = L.LIVE
+            words[L.H_VERSION] += 1
+            return slot
+
+        return self._locked(update)
+
+    def unregister(self, addr: bytes) -> int:
+        """Free the slot of `addr` at once; calls still in flight on it will leave no trace."""
+
+        def update() -> int:
+            slot = self._find(addr)
+            if slot < 0:
+                raise UnknownBackend(addr.decode())
+            words = self._words
+            words[self._state + slot] = L.FREE
+            words[self._gen + slot] += 1
+            words[self._inflight + slot] = 0
+            for row in range(self.layout.max_workers):
+                words[self.row_base(row) + slot] = 0
+            words[L.H_VERSION] += 1
+            return slot
+
+        return self._locked(update)
+
+    def _find(self, addr: bytes) -> int:
+        """Lock held. The live slot holding `addr`, or -1."""
+        buf, words = self._buf, self._words
+        base, size = self.layout.addresses, len(addr)
+        for slot in range(self._c):
+            if words[self._state + slot] != L.LIVE:
+                continue
+            offset = base + slot * L.ADDRESS_BYTES
+            if buf[offset] == size and buf[offset + 1 : offset + 1 + size] == addr:
+                return slot
+        return -1
+
+    # Observation -------------------------------------------------------------------------
+
+    def snapshot(self, now: int) -> list[BackendStats]:
+        """Every live backend's numbers, copied under the lock in one pass."""
+        lay, c = self.layout, self._c
+        end = lay.addresses + c * L.ADDRESS_BYTES
+        start = lay.field(0) * L.WORD
+        raw = self._locked(self._buf[start:end].tobytes)
+        data = memoryview(raw)
+        words, floats = data.cast("q"), data.cast("d")
+
+        def at(field: int, slot: int) -> int:
+            return int(words[field * c + slot])
+
+        hist0 = L.SLOT_FIELDS * c
+        addr0 = lay.addresses - start
+        stats = []
+        for slot in range(c):
+            if at(L.STATE, slot) != L.LIVE:
+                continue
+            until = at(L.EJECTED_UNTIL_NS, slot)
+            last_failure = at(L.LAST_FAILURE_NS, slot)
+            ewma = floats[L.EWMA_NS * c + slot]
+            offset = addr0 + slot * L.ADDRESS_BYTES
+            stats.append(
+                BackendStats(
+                    addr=raw[offset + 1 : offset + 1 + raw[offset]].decode(),
+                    weight=at(L.WEIGHT, slot),
+                    in_flight=at(L.IN_FLIGHT, slot),
+                    requests=at(L.REQUESTS, slot),
+                    failures=at(L.FAILURES, slot),
+                    consecutive_failures=at(L.CONSECUTIVE_FAILURES, slot),
+                    ejected=until > now,
+                    ejected_until=until / 1e9 if until > now else None,
+                    times_ejected=at(L.TIMES_EJECTED, slot),
+                    last_failure=last_failure / 1e9 if last_failure else None,
+                    latency_ewma=ewma / 1e9 if ewma > 0 else None,
+                    histogram=tuple(
+                        words[hist0 + slot * L.BUCKETS : hist0 + (slot + 1) * L.BUCKETS]
+                    ),
+                    slot=slot,
+                )
+            )
+        return stats
+
+    # Worker rows -------------------------------------------------------------------------
+
+    def row_base(self, row: int) -> int:
+        """Word index of slot 0 of worker row `row`'s in-flight run."""
+        return self.layout.workers + row * self.layout.worker_stride + L.W_HEADER
+
+    def claim_row(self, pid: int, start: int) -> int:
+        """Take a free worker row for process (`pid`, `start`); -1 if none is free."""
+
+        def update() -> int:
+            words = self._words
+            for row in range(self.layout.max_workers):
+                head = self.row_base(row) - L.W_HEADER
+                if words[head + L.W_PID] == 0:
+                    words[head + L.W_START] = start
+                    words[head + L.W_PID] = pid
+                    return row
+            return -1
+
+        return self._locked(update)
+
+    def rows(self) -> list[tuple[int, int, int]]:
+        """(row, pid, start) of every claimed worker row; an unlocked read."""
+        words, found = self._words, []
+        for row in range(self.layout.max_workers):
+            head = self.row_base(row) - L.W_HEADER
+            pid = int(words[head + L.W_PID])
+            if pid:
+                found.append((row, pid, int(words[head + L.W_START])))
+        return found
+
+    def reap(self, row: int, pid: int, start: int) -> bool:
+        """Subtract a dead process's in-flight calls and free its row, if it still owns it."""
+
+        def update() -> bool:
+            words = self._words
+            base = self.row_base(row)
+            head = base - L.W_HEADER
+            if words[head + L.W_PID] != pid or words[head + L.W_START] != start:
+                return False
+            for slot in range(self._c):
+                words[self._inflight + slot] -= words[base + slot]
+                words[base + slot] = 0
+            words[head + L.W_PID] = 0
+            return True
+
+        return self._locked(update)
+
+    def repair(self) -> None:
+        """Recompute global in-flight counts from the worker rows they are the sum of."""
+
+        def update() -> None:
+            words = self._words
+            bases = [self.row_base(row) for row in range(self.layout.max_workers)]
+            for slot in range(self._c):
+                words[self._inflight + slot] = sum(words[b + slot] for b in bases)
+
+        self._locked(update)
