@@ -34,7 +34,16 @@ from .errors import (
 )
 from .lock import new_lock, open_lock
 from .policy import EjectionPolicy
-from .state import CANCELLED, FAILURE, SUCCESS, BackendStats, Membership, SharedState, View
+from .state import (
+    CANCELLED,
+    FAILURE,
+    SUCCESS,
+    BackendStats,
+    LockLike,
+    Membership,
+    SharedState,
+    View,
+)
 from .strategies import STRATEGIES, Strategy, make_strategy
 
 BackendFactory = Callable[[str], Backend]
@@ -43,7 +52,7 @@ MAX_WEIGHT = 1_000_000
 
 _CLOSED = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
 _CLOSED[L.H_VERSION] = -2
-_NO_VIEW = Membership(View(-3, (), (), (), (), ()), (), frozenset())
+_NO_VIEW = Membership(View(-3, (), (), (), ()), (), frozenset())
 
 _balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
 
@@ -67,11 +76,17 @@ class Balancer:
         ejection_seconds: float = 30.0,
         max_ejection_seconds: float = 300.0,
         max_ejected_percent: int = 50,
+        slow_start_seconds: float = 0.0,
+        shared: bool = True,
     ) -> None:
         check_int("capacity", capacity, 1, 1 << 16)
         check_int("max_workers", max_workers, 1, 1 << 16)
         policy = EjectionPolicy.from_seconds(
-            failure_threshold, ejection_seconds, max_ejection_seconds, max_ejected_percent
+            failure_threshold,
+            ejection_seconds,
+            max_ejection_seconds,
+            max_ejected_percent,
+            slow_start_seconds,
         )
         chosen = make_strategy(strategy)
         if not callable(backend_factory):
@@ -86,10 +101,15 @@ class Balancer:
             raise CapacityExceeded(f"{len(parsed)} addresses do not fit capacity={capacity}")
 
         layout = L.Layout(capacity, max_workers)
-        lock, lock_name = new_lock()
-        shm = segment.create(layout.size)
-        try:
+        shm: shared_memory.SharedMemory | None = None
+        lock: LockLike
+        if shared:
+            lock, lock_name = new_lock()
+            shm = segment.create(layout.size)
             buf = segment.buffer(shm)
+        else:
+            lock, lock_name, buf = threading.Lock(), "", memoryview(bytearray(layout.size))
+        try:
             L.write_header(buf.cast("q"), layout, os.getpid())
             L.write_name(buf, L.H_LOCK_NAME, lock_name)
             L.write_name(buf, L.H_STRATEGY_NAME, strategy if isinstance(strategy, str) else "")
@@ -98,15 +118,16 @@ class Balancer:
             for addr in parsed:
                 state.register(addr.encode(), 1)
         except BaseException:
-            shm.close()
-            shm.unlink()
+            if shm is not None:
+                shm.close()
+                shm.unlink()
             raise
         self._lock = lock
         self._setup(shm, state, strategy, chosen, backend_factory, os.getpid())
 
     def _setup(  # noqa: PLR0917
         self,
-        shm: shared_memory.SharedMemory,
+        shm: shared_memory.SharedMemory | None,
         state: SharedState,
         spec: str | Strategy,
         strategy: Strategy,
@@ -135,7 +156,7 @@ class Balancer:
         self._proxies: dict[str, Backend] = {}
         self._membership = _NO_VIEW
         self._local_lock = threading.Lock()
-        self._state.after_fork()
+        self._state.after_fork(None if self._shm else threading.Lock())
 
     # Attaching ---------------------------------------------------------------------------
 
@@ -182,6 +203,8 @@ class Balancer:
         return balancer
 
     def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
+        if self._shm is None:
+            raise TypeError("a Balancer made with shared=False lives in one process only")
         return (_attach_pickled, (self.name, self._factory, self._spec))
 
     # Calls -------------------------------------------------------------------------------
@@ -316,7 +339,7 @@ class Balancer:
     @property
     def name(self) -> str:
         """The shared segment's name: what `Balancer.attach` and ``dispatcher top`` take."""
-        return self._shm.name
+        return self._shm.name if self._shm else ""
 
     @property
     def is_owner(self) -> bool:
@@ -352,17 +375,20 @@ class Balancer:
     def __repr__(self) -> str:
         role = "owner" if self.is_owner else "attached"
         state = "closed" if self._closed else role
-        return f"<Balancer {self._shm.name} {state} strategy={self._spec!r}>"
+        return f"<Balancer {self.name or 'unshared'} {state} strategy={self._spec!r}>"
 
 
-def _close_segment(shm: shared_memory.SharedMemory, state: SharedState, owner_pid: int) -> None:
+def _close_segment(
+    shm: shared_memory.SharedMemory | None, state: SharedState, owner_pid: int
+) -> None:
     owner = owner_pid == os.getpid()
     if owner:
         state.mark_closed()
     state.release_views()
-    shm.close()
-    if owner:
-        shm.unlink()
+    if shm is not None:
+        shm.close()
+        if owner:
+            shm.unlink()
 
 
 def _close_proxy(proxy: object) -> None:

@@ -49,6 +49,7 @@ H_FAILURE_THRESHOLD = 10
 H_EJECTION_BASE_NS = 11
 H_EJECTION_MAX_NS = 12
 H_MAX_EJECTED_PERCENT = 13
+H_SLOW_START_NS = 14
 H_LOCK_NAME = 16
 """Start of the lock's semaphore name (NAME_BYTES bytes, length-prefixed)."""
 H_STRATEGY_NAME = 24
@@ -69,7 +70,9 @@ EWMA_NS = 10
 """Exponentially weighted latency average, a double."""
 EWMA_STAMP_NS = 11
 REGISTERED_NS = 12
-SLOT_FIELDS = 13
+DOWN = 13
+"""Nonzero while active health checks hold the slot out of rotation."""
+SLOT_FIELDS = 14
 
 FREE = 0
 LIVE = 1

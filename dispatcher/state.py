@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 from . import layout as L
 from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
 from .latency import peak_ewma, sample_ns
-from .policy import EjectionPolicy
+from .policy import WARMTH_STEPS, EjectionPolicy
 
 SUCCESS = 0
 FAILURE = 1
@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 
 class LockLike(Protocol):
-    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+    def acquire(self, block: bool = ..., timeout: float = ..., /) -> bool: ...
     def release(self) -> None: ...
 
 
@@ -55,14 +55,13 @@ class View:
     version: int
     slots: tuple[int, ...]
     """Eligible slots, ascending: live and not ejected."""
-    weights: Sequence[int]
+    weights: Sequence[float]
+    """Weight of each slot, scaled down while it warms up after entering rotation."""
     in_flight: Sequence[int]
     latency: Sequence[float]
     """Peak-EWMA latency in nanoseconds; 0.0 before a slot's first answer."""
-    warm_since_ns: Sequence[int]
-    """When each slot last entered rotation (registered, or its ejection ended)."""
     expires_ns: int = 1 << 62
-    """When an ejection ends and this view must be rebuilt even if no version changed."""
+    """When an ejection ends or a warm-up advances: the view must be rebuilt by then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +78,10 @@ class BackendStats:
     ejected_until: float | None
     """A `time.monotonic()` value in seconds, while ejected."""
     times_ejected: int
+    down: bool
+    """Held out of rotation by failing active health checks."""
+    effective_weight: float
+    """`weight`, scaled down while the backend warms up after entering rotation."""
     last_failure: float | None
     latency_ewma: float | None
     """Peak-EWMA latency in seconds."""
@@ -140,8 +143,11 @@ class SharedState:
         for view in reversed(self._views):
             view.release()
 
-    def after_fork(self) -> None:
+    def after_fork(self, lock: LockLike | None = None) -> None:
+        """In a new process: note its pid, and take `lock` if the old one stays behind."""
         self._pid = os.getpid()
+        if lock is not None:
+            self.lock, self._acquire, self._release = lock, lock.acquire, lock.release
 
     # Header ------------------------------------------------------------------------------
 
@@ -166,6 +172,7 @@ class SharedState:
             int(w[L.H_EJECTION_BASE_NS]),
             int(w[L.H_EJECTION_MAX_NS]),
             int(w[L.H_MAX_EJECTED_PERCENT]),
+            int(w[L.H_SLOW_START_NS]),
         )
 
     def store_policy(self, policy: EjectionPolicy) -> None:
@@ -174,6 +181,7 @@ class SharedState:
         w[L.H_EJECTION_BASE_NS] = policy.base_ns
         w[L.H_EJECTION_MAX_NS] = policy.max_ns
         w[L.H_MAX_EJECTED_PERCENT] = policy.max_ejected_percent
+        w[L.H_SLOW_START_NS] = policy.slow_start_ns
         self.policy = policy
 
     def mark_closed(self) -> None:
@@ -306,11 +314,14 @@ class SharedState:
         def column(field: int) -> Sequence[int]:
             return f[(field * c) : (field + 1) * c]
 
-        state, weight = column(L.STATE), column(L.WEIGHT)
+        state, weight, down = column(L.STATE), column(L.WEIGHT), column(L.DOWN)
         until, registered = column(L.EJECTED_UNTIL_NS), column(L.REGISTERED_NS)
         slots: list[int] = []
         addrs: list[str | None] = [None] * c
+        weights = [float(w) for w in weight]
         expires = 1 << 62
+        policy = self.policy
+        step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
         live = []
         for slot in range(c):
             if state[slot] != L.LIVE:
@@ -321,15 +332,20 @@ class SharedState:
             if until[slot] > now:
                 expires = min(expires, until[slot])
                 continue
+            if down[slot]:
+                continue
             slots.append(slot)
             addrs[slot] = addr
+            age = now - max(registered[slot], until[slot])
+            if age < policy.slow_start_ns:
+                weights[slot] *= policy.warmth(age)
+                expires = min(expires, now + step)
         view = View(
             version=version,
             slots=tuple(slots),
-            weights=tuple(weight),
+            weights=tuple(weights),
             in_flight=self.in_flight,
             latency=self.latency,
-            warm_since_ns=tuple(max(r, u) for r, u in zip(registered, until, strict=True)),
             expires_ns=expires,
         )
         return Membership(view, tuple(addrs), frozenset(live))
@@ -415,6 +431,7 @@ class SharedState:
             if at(L.STATE, slot) != L.LIVE:
                 continue
             until = at(L.EJECTED_UNTIL_NS, slot)
+            warm_since = max(until, at(L.REGISTERED_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
             offset = addr0 + slot * L.ADDRESS_BYTES
@@ -429,6 +446,8 @@ class SharedState:
                     ejected=until > now,
                     ejected_until=until / 1e9 if until > now else None,
                     times_ejected=at(L.TIMES_EJECTED, slot),
+                    down=bool(at(L.DOWN, slot)),
+                    effective_weight=at(L.WEIGHT, slot) * self.policy.warmth(now - warm_since),
                     last_failure=last_failure / 1e9 if last_failure else None,
                     latency_ewma=ewma / 1e9 if ewma > 0 else None,
                     histogram=tuple(
