@@ -123,16 +123,17 @@ class Balancer:
                 shm.unlink()
             raise
         self._lock = lock
-        self._setup(shm, state, strategy, chosen, backend_factory, os.getpid())
+        self._setup(shm, state, strategy, chosen, backend_factory, owner=True)
 
-    def _setup(  # noqa: PLR0917
+    def _setup(
         self,
         shm: shared_memory.SharedMemory | None,
         state: SharedState,
         spec: str | Strategy,
         strategy: Strategy,
         backend_factory: BackendFactory,
-        owner_pid: int,
+        *,
+        owner: bool,
     ) -> None:
         self._shm = shm
         self._state = state
@@ -141,11 +142,9 @@ class Balancer:
         self._strategy = strategy
         self._uses_cursor = bool(strategy.uses_cursor)
         self._factory = backend_factory
-        self._owner_pid = owner_pid
+        self._owner_pid = os.getpid() if owner else -1
         self._closed = False
-        self._finalizer = weakref.finalize(
-            self, _close_segment, shm, state, owner_pid if owner_pid == os.getpid() else -1
-        )
+        self._finalizer = weakref.finalize(self, _close_segment, shm, state, self._owner_pid)
         self._reset_process()
         _balancers.add(self)
 
@@ -193,13 +192,12 @@ class Balancer:
             lock = open_lock(L.read_name(buf, L.H_LOCK_NAME))
             state = SharedState(buf, layout, lock)
             state.load_policy()
-            owner = int(state.words[L.H_OWNER_PID])
         except BaseException:
             shm.close()
             raise
         balancer = cls.__new__(cls)
         balancer._lock = lock
-        balancer._setup(shm, state, strategy, chosen, backend_factory, owner)
+        balancer._setup(shm, state, strategy, chosen, backend_factory, owner=False)
         return balancer
 
     def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
@@ -277,6 +275,7 @@ class Balancer:
             return proxy
 
     def _claim_row(self) -> None:
+        state = self._live_state()
         with self._local_lock:
             if self._row >= 0:
                 return
@@ -284,15 +283,15 @@ class Balancer:
             start = workers.start_time(pid)
             if start is None:
                 raise DispatcherError(f"cannot read the start time of this process ({pid})")
-            row = self._state.claim_row(pid, start)
+            row = state.claim_row(pid, start)
             if row < 0 and self.reap():
-                row = self._state.claim_row(pid, start)
+                row = state.claim_row(pid, start)
             if row < 0:
                 raise CapacityExceeded(
-                    f"all {self._state.layout.max_workers} worker rows are taken by live "
+                    f"all {state.layout.max_workers} worker rows are taken by live "
                     f"processes; create the balancer with a larger max_workers"
                 )
-            self._row = self._state.row_base(row)
+            self._row = state.row_base(row)
 
     def _why_none(self) -> str:
         stats = self.snapshot()

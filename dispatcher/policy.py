@@ -66,6 +66,8 @@ class EjectionPolicy:
         """Share of its weight a backend gets `age_ns` after entering rotation: 10% to 100%."""
         if age_ns >= self.slow_start_ns:
             return 1.0
+        if age_ns <= 0:
+            return MIN_WARMTH
         return max(MIN_WARMTH, age_ns / self.slow_start_ns)
 
     def may_eject(self, live: int, ejected: int) -> bool:
