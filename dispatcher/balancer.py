@@ -113,7 +113,7 @@ class Balancer:
             L.write_header(buf.cast("q"), layout, os.getpid())
             L.write_name(buf, L.H_LOCK_NAME, lock_name)
             L.write_name(buf, L.H_STRATEGY_NAME, strategy if isinstance(strategy, str) else "")
-            state = SharedState(buf, layout, lock)
+            state = SharedState(buf, layout, lock, segment.path(shm))
             state.store_policy(policy)
             for addr in parsed:
                 state.register(addr.encode(), 1)
@@ -190,7 +190,7 @@ class Balancer:
                     )
             chosen = make_strategy(strategy)
             lock = open_lock(L.read_name(buf, L.H_LOCK_NAME))
-            state = SharedState(buf, layout, lock)
+            state = SharedState(buf, layout, lock, segment.path(shm))
             state.load_policy()
         except BaseException:
             shm.close()

@@ -68,6 +68,11 @@ def buffer(shm: shared_memory.SharedMemory) -> memoryview:
     return buf
 
 
+def path(shm: shared_memory.SharedMemory | None) -> str | None:
+    """Where Linux shows the segment as a file, for locks that the kernel must release."""
+    return None if shm is None else f"/dev/shm/{shm.name}"
+
+
 @contextlib.contextmanager
 def _untracked() -> Iterator[None]:
     with _register_lock:

@@ -20,8 +20,11 @@ start time, so the contribution of a process that dies mid-call can be subtracte
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from time import monotonic_ns
 from typing import Any, Protocol, TypeVar
@@ -29,7 +32,9 @@ from typing import Any, Protocol, TypeVar
 from . import layout as L
 from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
 from .latency import peak_ewma, sample_ns
+from .layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_LOCK_SINCE_NS, H_VERSION, bucket_of
 from .policy import WARMTH_STEPS, EjectionPolicy
+from .workers import is_alive
 
 SUCCESS = 0
 FAILURE = 1
@@ -37,6 +42,28 @@ CANCELLED = 2
 """Outcomes of a call: a cancelled call (KeyboardInterrupt, a killed task) only ends in-flight."""
 
 T = TypeVar("T")
+
+SPINS = 50
+"""Non-blocking tries before a waiter sleeps on the semaphore."""
+PATIENCE_S = 0.25
+"""Bounded wait between checks of whether the holder of the lock is still alive."""
+ANONYMOUS_HOLDER_NS = 2_000_000_000
+"""A lock held this long with no holder recorded belongs to a process that died between
+taking it and writing its pid."""
+
+log = logging.getLogger("dispatcher")
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on `path`, through a descriptor of this process's own: forked
+    processes share the locks of the descriptors they inherited."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class LockLike(Protocol):
@@ -102,8 +129,15 @@ class Membership:
 class SharedState:
     """Operations on one segment's words; every write happens under `lock`."""
 
-    def __init__(self, buffer: memoryview | bytearray, layout: L.Layout, lock: LockLike) -> None:
+    def __init__(
+        self,
+        buffer: memoryview | bytearray,
+        layout: L.Layout,
+        lock: LockLike,
+        recovery_path: str | None = None,
+    ) -> None:
         self.layout = layout
+        self._recovery_path = recovery_path
         self.lock = lock
         self._buf = memoryview(buffer)[: layout.size]
         self._words = self._buf.cast("q")
@@ -191,12 +225,13 @@ class SharedState:
     # The lock ----------------------------------------------------------------------------
 
     def _lock(self, now: int) -> None:
-        self._acquire()
-        self._words[L.H_LOCK_PID] = self._pid
-        self._words[L.H_LOCK_SINCE_NS] = now
+        if not self._acquire(False):
+            self._wait()
+        self._words[H_LOCK_PID] = self._pid
+        self._words[H_LOCK_SINCE_NS] = now
 
     def _unlock(self) -> None:
-        self._words[L.H_LOCK_PID] = 0
+        self._words[H_LOCK_PID] = 0
         self._release()
 
     def _locked(self, update: Callable[[], T]) -> T:
@@ -205,6 +240,58 @@ class SharedState:
             return update()
         finally:
             self._unlock()
+
+    def _wait(self) -> None:
+        """Take the lock after a failed try: spin briefly, then wait in bounded steps.
+
+        Spinning covers the usual hold of well under a microsecond without a futex sleep and
+        wake-up. Between bounded waits, a holder that died holding the lock is taken over.
+        """
+        acquire = self._acquire
+        for _ in range(SPINS):
+            if acquire(False):
+                return
+        unknown_since = None
+        while not acquire(True, PATIENCE_S):
+            holder = int(self._words[H_LOCK_PID])
+            if holder == 0:
+                unknown_since = unknown_since or monotonic_ns()
+                if monotonic_ns() - unknown_since < ANONYMOUS_HOLDER_NS:
+                    continue
+            elif holder == self._pid or self._holder_alive(holder):
+                unknown_since = None
+                continue
+            if self._take_over(holder):
+                return
+
+    def _holder_alive(self, pid: int) -> bool:
+        for _, row_pid, start in self.rows():
+            if row_pid == pid:
+                return is_alive(pid, start)
+        return is_alive(pid, None)
+
+    def _take_over(self, dead: int) -> bool:
+        """Become the holder of a lock whose holder died, then repair what it may have left.
+
+        The semaphore stays taken: ownership passes to this process, which releases it as
+        usual. A file lock on the segment, which the kernel releases if its holder dies too,
+        makes sure only one waiter takes over.
+        """
+        if self._recovery_path is None or not os.path.exists(self._recovery_path):
+            return False
+        with _file_lock(self._recovery_path):
+            if self._acquire(False):
+                return True
+            if int(self._words[H_LOCK_PID]) != dead:
+                return False
+            self._words[H_LOCK_PID] = self._pid
+            log.warning(
+                "process %s died holding the shared lock of %d backends; taking it over",
+                dead or "(unknown)",
+                self._c,
+            )
+            self._normalize()
+            return True
 
     # The hot path ------------------------------------------------------------------------
 
@@ -216,21 +303,22 @@ class SharedState:
         slot's generation (the ticket `finish` needs), or -1: choose again from a fresh view.
         """
         words = self._words
-        self._acquire()
+        if not self._acquire(False):
+            self._wait()
         try:
-            words[L.H_LOCK_PID] = self._pid
-            words[L.H_LOCK_SINCE_NS] = now
-            if words[L.H_VERSION] != version:
+            words[H_LOCK_PID] = self._pid
+            words[H_LOCK_SINCE_NS] = now
+            if words[H_VERSION] != version:
                 return -1
             if cursor >= 0:
-                if words[L.H_CURSOR] != cursor:
+                if words[H_CURSOR] != cursor:
                     return -1
-                words[L.H_CURSOR] = cursor + 1
+                words[H_CURSOR] = cursor + 1
             words[row + slot] += 1
             words[self._inflight + slot] += 1
             return int(words[self._gen + slot])
         finally:
-            words[L.H_LOCK_PID] = 0
+            words[H_LOCK_PID] = 0
             self._release()
 
     def finish(self, slot: int, generation: int, row: int, outcome: int, start: int) -> None:
@@ -241,16 +329,17 @@ class SharedState:
         now = monotonic_ns()
         words = self._words
         latency = now - start
-        bucket = self._hist + slot * L.BUCKETS + L.bucket_of(latency)
+        bucket = self._hist + slot * BUCKETS + bucket_of(latency)
         ewma_at = self._ewma + slot
         stamp_at = self._stamp + slot
-        ewma = peak_ewma(
-            self._floats[ewma_at], words[stamp_at], sample_ns(latency, outcome == FAILURE), now
-        )
-        self._acquire()
+        average = self._floats[ewma_at]
+        sample = sample_ns(latency, outcome == FAILURE)
+        ewma = sample if sample >= average else peak_ewma(average, words[stamp_at], sample, now)
+        if not self._acquire(False):
+            self._wait()
         try:
-            words[L.H_LOCK_PID] = self._pid
-            words[L.H_LOCK_SINCE_NS] = now
+            words[H_LOCK_PID] = self._pid
+            words[H_LOCK_SINCE_NS] = now
             if words[self._gen + slot] != generation:
                 return
             words[self._inflight + slot] -= 1
@@ -266,7 +355,7 @@ class SharedState:
             else:
                 self._record_failure(slot, now)
         finally:
-            words[L.H_LOCK_PID] = 0
+            words[H_LOCK_PID] = 0
             self._release()
 
     def _record_failure(self, slot: int, now: int) -> None:
@@ -507,12 +596,23 @@ class SharedState:
         return self._locked(update)
 
     def repair(self) -> None:
-        """Recompute global in-flight counts from the worker rows they are the sum of."""
+        """Recompute everything derived, as after a process died in the middle of an update."""
+        self._locked(self._normalize)
 
-        def update() -> None:
-            words = self._words
-            bases = [self.row_base(row) for row in range(self.layout.max_workers)]
-            for slot in range(self._c):
+    def _normalize(self) -> None:
+        """Lock held. Global in-flight := sum of worker rows; free slots hold no counts.
+
+        Every update writes its visible word last, so this is all a half-done update can
+        break; bumping the version makes every process rebuild its view from the result.
+        """
+        words = self._words
+        bases = [self.row_base(row) for row in range(self.layout.max_workers)]
+        for slot in range(self._c):
+            if words[self._state + slot] == L.LIVE:
                 words[self._inflight + slot] = sum(words[b + slot] for b in bases)
-
-        self._locked(update)
+            else:
+                for base in bases:
+                    words[base + slot] = 0
+                words[self._inflight + slot] = 0
+                words[self._gen + slot] += 1
+        words[H_VERSION] += 1

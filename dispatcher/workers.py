@@ -18,11 +18,11 @@ def start_time(pid: int) -> int | None:
         return None
 
 
-def is_alive(pid: int, start: int) -> bool:
-    """Whether the process that started at `start` with this `pid` still runs."""
+def is_alive(pid: int, start: int | None) -> bool:
+    """Whether the process that started at `start` (if known) with this `pid` still runs."""
     try:
         process = psutil.Process(pid)
-        if round(process.create_time() * 100) != start:
+        if start is not None and round(process.create_time() * 100) != start:
             return False
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

@@ -65,3 +65,15 @@ def picks_after_change(balancer: Balancer, ready: Any, go: Any, out: Any) -> Non
     go.wait(30)
     out.put(sorted({balancer.invoke(None) for _ in range(6)}))
     balancer.close()
+
+
+def hold_the_lock(balancer: Balancer, ready: Any, write_holder: bool, seconds: float) -> None:
+    """Take the balancer's shared lock and keep it, as a process that hangs or dies in it."""
+    state = balancer._state
+    if write_holder:
+        state._lock(time.monotonic_ns())
+    else:
+        state.lock.acquire()
+    ready.set()
+    time.sleep(seconds)
+    state._unlock()
