@@ -315,6 +315,13 @@ class Balancer:
             proxy = self._proxies.pop(canonical, None)
         _close_proxy(proxy)
 
+    def drain(self, addr: str) -> None:
+        """Stop new calls to a backend; its slot is freed when its calls in flight end.
+
+        Registering the address again before then puts it back in rotation as it was.
+        """
+        self._live_state().drain(parse_address(addr).encode())
+
     def snapshot(self) -> list[BackendStats]:
         """Every registered backend's numbers, as every attached process sees them."""
         return self._live_state().snapshot(monotonic_ns())

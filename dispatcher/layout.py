@@ -76,6 +76,8 @@ SLOT_FIELDS = 14
 
 FREE = 0
 LIVE = 1
+DRAINING = 2
+"""Registered but taking no new calls; freed when its last call in flight ends."""
 
 BUCKETS = 72
 """Half-octave latency buckets: ``2 * bit_length(ns) + next bit``; the last holds >= 51 s."""

@@ -107,6 +107,8 @@ class BackendStats:
     times_ejected: int
     down: bool
     """Held out of rotation by failing active health checks."""
+    draining: bool
+    """Taking no new calls; removed once the calls in flight on it end."""
     effective_weight: float
     """`weight`, scaled down while the backend warms up after entering rotation."""
     last_failure: float | None
@@ -344,6 +346,8 @@ class SharedState:
                 return
             words[self._inflight + slot] -= 1
             words[row + slot] -= 1
+            if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                self._free(slot)
             if outcome == CANCELLED:
                 return
             words[self._requests + slot] += 1
@@ -413,11 +417,13 @@ class SharedState:
         step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
         live = []
         for slot in range(c):
-            if state[slot] != L.LIVE:
+            if state[slot] == L.FREE:
                 continue
             offset = slot * L.ADDRESS_BYTES
             addr = addresses[offset + 1 : offset + 1 + addresses[offset]].decode()
             live.append(addr)
+            if state[slot] == L.DRAINING:
+                continue
             if until[slot] > now:
                 expires = min(expires, until[slot])
                 continue
@@ -447,9 +453,15 @@ class SharedState:
         now = monotonic_ns()
 
         def update() -> int:
-            if self._find(addr) >= 0:
-                raise DuplicateBackend(addr.decode())
             words = self._words
+            found = self._find(addr)
+            if found >= 0 and words[self._state + found] == L.DRAINING:
+                words[self._weight + found] = weight
+                words[self._state + found] = L.LIVE
+                words[H_VERSION] += 1
+                return found
+            if found >= 0:
+                raise DuplicateBackend(addr.decode())
             slot = next((s for s in range(self._c) if words[self._state + s] == L.FREE), -1)
             if slot < 0:
                 raise CapacityExceeded(f"all {self._c} backend slots are in use (capacity)")
@@ -476,23 +488,43 @@ class SharedState:
             slot = self._find(addr)
             if slot < 0:
                 raise UnknownBackend(addr.decode())
-            words = self._words
-            words[self._state + slot] = L.FREE
-            words[self._gen + slot] += 1
-            words[self._inflight + slot] = 0
-            for row in range(self.layout.max_workers):
-                words[self.row_base(row) + slot] = 0
-            words[L.H_VERSION] += 1
+            self._free(slot)
             return slot
 
         return self._locked(update)
 
+    def drain(self, addr: bytes) -> int:
+        """Take `addr` out of rotation now and free its slot when its last call ends."""
+
+        def update() -> int:
+            slot = self._find(addr)
+            if slot < 0:
+                raise UnknownBackend(addr.decode())
+            if self._words[self._inflight + slot] == 0:
+                self._free(slot)
+            else:
+                self._words[self._state + slot] = L.DRAINING
+                self._words[H_VERSION] += 1
+            return slot
+
+        return self._locked(update)
+
+    def _free(self, slot: int) -> None:
+        """Lock held. Free `slot`: its generation moves on, so calls still out leave no trace."""
+        words = self._words
+        words[self._state + slot] = L.FREE
+        words[self._gen + slot] += 1
+        words[self._inflight + slot] = 0
+        for row in range(self.layout.max_workers):
+            words[self.row_base(row) + slot] = 0
+        words[H_VERSION] += 1
+
     def _find(self, addr: bytes) -> int:
-        """Lock held. The live slot holding `addr`, or -1."""
+        """Lock held. The registered (live or draining) slot holding `addr`, or -1."""
         buf, words = self._buf, self._words
         base, size = self.layout.addresses, len(addr)
         for slot in range(self._c):
-            if words[self._state + slot] != L.LIVE:
+            if words[self._state + slot] == L.FREE:
                 continue
             offset = base + slot * L.ADDRESS_BYTES
             if buf[offset] == size and buf[offset + 1 : offset + 1 + size] == addr:
@@ -517,7 +549,7 @@ class SharedState:
         addr0 = lay.addresses - start
         stats = []
         for slot in range(c):
-            if at(L.STATE, slot) != L.LIVE:
+            if at(L.STATE, slot) == L.FREE:
                 continue
             until = at(L.EJECTED_UNTIL_NS, slot)
             warm_since = max(until, at(L.REGISTERED_NS, slot))
@@ -536,6 +568,7 @@ class SharedState:
                     ejected_until=until / 1e9 if until > now else None,
                     times_ejected=at(L.TIMES_EJECTED, slot),
                     down=bool(at(L.DOWN, slot)),
+                    draining=at(L.STATE, slot) == L.DRAINING,
                     effective_weight=at(L.WEIGHT, slot) * self.policy.warmth(now - warm_since),
                     last_failure=last_failure / 1e9 if last_failure else None,
                     latency_ewma=ewma / 1e9 if ewma > 0 else None,
@@ -590,6 +623,8 @@ class SharedState:
             for slot in range(self._c):
                 words[self._inflight + slot] -= words[base + slot]
                 words[base + slot] = 0
+                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                    self._free(slot)
             words[head + L.W_PID] = 0
             return True
 
@@ -608,8 +643,10 @@ class SharedState:
         words = self._words
         bases = [self.row_base(row) for row in range(self.layout.max_workers)]
         for slot in range(self._c):
-            if words[self._state + slot] == L.LIVE:
+            if words[self._state + slot] != L.FREE:
                 words[self._inflight + slot] = sum(words[b + slot] for b in bases)
+                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                    self._free(slot)
             else:
                 for base in bases:
                     words[base + slot] = 0

@@ -391,3 +391,44 @@ def test_custom_strategy_object() -> None:
         with pytest.raises(DispatcherError, match="chose 99"):
             b.invoke(None)
         assert sum(s.in_flight for s in b.snapshot()) == 0
+
+
+def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
+    gate = threading.Event()
+    with Balancer(["old:1", "other:1"], backend_factory=Echo, strategy="least_loaded") as b:
+        b.drain("other:1")  # nothing in flight: freed at once
+        assert [s.addr for s in b.snapshot()] == ["old:1"]
+        b.register("other:1")
+        call = threading.Thread(target=b.invoke, args=(gate,))
+        call.start()
+        while sum(in_flight(b).values()) < 1:
+            time.sleep(0.001)
+        busy = next(a for a, n in in_flight(b).items() if n)
+        b.drain(busy)
+        stats = {s.addr: s for s in b.snapshot()}
+        assert stats[busy].draining and stats[busy].in_flight == 1
+        idle = next(a for a in stats if a != busy)
+        assert {b.invoke(None) for _ in range(10)} == {idle}
+        gate.set()
+        call.join()
+        assert [(s.addr, s.in_flight) for s in b.snapshot()] == [(idle, 0)]
+
+
+def test_registering_a_draining_backend_puts_it_back() -> None:
+    gate = threading.Event()
+    with Balancer(["a:1"], backend_factory=Echo) as b:
+        call = threading.Thread(target=b.invoke, args=(gate,))
+        call.start()
+        while sum(in_flight(b).values()) < 1:
+            time.sleep(0.001)
+        b.drain("a:1")
+        with pytest.raises(NoBackendAvailable):
+            b.invoke(None)
+        b.register("a:1", weight=2)
+        (stats,) = b.snapshot()
+        assert (stats.draining, stats.weight, stats.in_flight) == (False, 2, 1)
+        gate.set()
+        call.join()
+        assert b.invoke(None) == "a:1"
+        (stats,) = b.snapshot()
+        assert (stats.in_flight, stats.requests) == (0, 2)
