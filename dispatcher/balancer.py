@@ -11,9 +11,11 @@ attaches to it. Each process has its own worker row, proxies and view cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from multiprocessing import shared_memory
@@ -49,6 +51,9 @@ from .strategies import STRATEGIES, Strategy, make_strategy
 BackendFactory = Callable[[str], Backend]
 
 MAX_WEIGHT = 1_000_000
+MAX_RETRIES = 100
+RETRY_BUDGET_PERCENT = 20
+RETRY_MIN_CONCURRENCY = 3
 
 _CLOSED = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
 _CLOSED[L.H_VERSION] = -2
@@ -77,6 +82,7 @@ class Balancer:
         max_ejection_seconds: float = 300.0,
         max_ejected_percent: int = 50,
         slow_start_seconds: float = 0.0,
+        panic_percent: int = 50,
         shared: bool = True,
     ) -> None:
         check_int("capacity", capacity, 1, 1 << 16)
@@ -87,6 +93,7 @@ class Balancer:
             max_ejection_seconds,
             max_ejected_percent,
             slow_start_seconds,
+            panic_percent,
         )
         chosen = make_strategy(strategy)
         if not callable(backend_factory):
@@ -207,15 +214,29 @@ class Balancer:
 
     # Calls -------------------------------------------------------------------------------
 
-    def invoke(self, request: Any, *, timeout: float | None = None, key: object = None) -> Any:
+    def invoke(
+        self, request: Any, *, timeout: float | None = None, key: object = None, retries: int = 0
+    ) -> Any:
         """Call one backend with `request`; its answer, or its exception, is the result.
 
         `key` makes the call sticky for strategies that hash it (any str, bytes or int).
-        Raises `NoBackendAvailable` if no backend is eligible.
+        `retries` (for idempotent requests only) tries up to that many other backends after a
+        failure, while the retry budget shared by all processes allows; `timeout` is then the
+        deadline for all attempts together. Raises `NoBackendAvailable` if no backend is
+        eligible.
         """
         if timeout is not None:
             check_seconds("timeout", timeout)
-        slot, generation, proxy = self._pick(None if key is None else _key_hash(key))
+        key_hash = None if key is None else _key_hash(key)
+        if retries:
+            check_int("retries", retries, 0, MAX_RETRIES)
+            return self._invoke_with_retries(request, timeout, key_hash, retries)
+        slot, generation, proxy = self._pick(key_hash)
+        return self._call(slot, generation, proxy, request, timeout)
+
+    def _call(
+        self, slot: int, generation: int, proxy: Backend, request: Any, timeout: float | None
+    ) -> Any:
         finish, row = self._state.finish, self._row
         start = monotonic_ns()
         try:
@@ -229,7 +250,46 @@ class Balancer:
         finish(slot, generation, row, SUCCESS, start)
         return response
 
-    def _pick(self, key: int | None) -> tuple[int, int, Backend]:
+    def _invoke_with_retries(
+        self, request: Any, timeout: float | None, key: int | None, retries: int
+    ) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tried: set[int] = set()
+        failure: Exception | None = None
+        for attempt in range(retries + 1):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if failure is not None:
+                if remaining is not None and remaining <= 0:
+                    raise failure
+                if not self._state.take_retry(self._row, self._retry_limit()):
+                    raise failure
+            try:
+                try:
+                    slot, generation, proxy = self._pick(key, frozenset(tried))
+                except NoBackendAvailable:
+                    if failure is not None:
+                        raise failure from None
+                    raise
+                tried.add(slot)
+                return self._call(slot, generation, proxy, request, remaining)
+            except Exception as exc:
+                if attempt == retries or exc is failure:
+                    raise
+                failure = exc
+            finally:
+                if attempt:
+                    self._state.return_retry(self._row)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retry_limit(self) -> int:
+        """Envoy's retry budget: retries under way may be 20% of calls in flight, at least 3."""
+        view = self._membership.view
+        in_flight = sum(view.in_flight[slot] for slot in view.slots)
+        return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
+
+    def _pick(
+        self, key: int | None, exclude: frozenset[int] = frozenset()
+    ) -> tuple[int, int, Backend]:
         """Choose and commit a slot; return it with its generation and this process's proxy."""
         if self._row < 0:
             self._claim_row()
@@ -241,12 +301,16 @@ class Balancer:
             if view.version != words[L.H_VERSION] or now >= view.expires_ns:
                 membership = self._refresh(now)
                 view = membership.view
+            if exclude:
+                view = dataclasses.replace(
+                    view, slots=tuple(s for s in view.slots if s not in exclude)
+                )
             if not view.slots:
                 raise NoBackendAvailable(self._why_none())
             cursor = words[L.H_CURSOR] if self._uses_cursor else -1
             slot = strategy.pick(view, cursor, key)
             addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
-            if addr is None:
+            if addr is None or slot in exclude:
                 raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
             generation = commit(view.version, slot, cursor, self._row, now)
             if generation >= 0:
@@ -297,7 +361,7 @@ class Balancer:
         stats = self.snapshot()
         if not stats:
             return "no backend is registered"
-        return f"all {len(stats)} backends are ejected"
+        return f"none of the {len(stats)} backends is eligible (ejected, down or draining)"
 
     # Membership --------------------------------------------------------------------------
 

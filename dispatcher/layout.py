@@ -11,10 +11,11 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
     |  sizes, owner,     |   REQUESTS[c] FAILURES[c] ... REGISTERED_NS[c]  |
     |  version, cursor,  +-------------------------------------------------+
     |  lock holder,      | latency histogram: c x BUCKETS words            |
-    |  policy, names     +-------------------------------------------------+
-    |                    | addresses: c x 256 bytes (length byte + UTF-8)  |
+    |  policy, retries,  +-------------------------------------------------+
+    |  names             | addresses: c x 256 bytes (length byte + UTF-8)  |
     |                    +-------------------------------------------------+
-    |                    | worker rows: w x (PID, START, IN_FLIGHT[c])     |
+    |                    | worker rows: w x (PID, START, RETRIES,          |
+    |                    |                   IN_FLIGHT[c])                 |
     +--------------------+-------------------------------------------------+
 
 Nothing here takes a lock; `dispatcher.state` says which lock guards which word.
@@ -50,6 +51,9 @@ H_EJECTION_BASE_NS = 11
 H_EJECTION_MAX_NS = 12
 H_MAX_EJECTED_PERCENT = 13
 H_SLOW_START_NS = 14
+H_PANIC_PERCENT = 15
+H_RETRIES = 32
+"""Retries under way in all processes, against the shared retry budget."""
 H_LOCK_NAME = 16
 """Start of the lock's semaphore name (NAME_BYTES bytes, length-prefixed)."""
 H_STRATEGY_NAME = 24
@@ -85,7 +89,8 @@ BUCKETS = 72
 # Worker row words, before its per-slot in-flight run.
 W_PID = 0
 W_START = 1
-W_HEADER = 2
+W_RETRIES = 2
+W_HEADER = 3
 
 
 @dataclass(frozen=True)

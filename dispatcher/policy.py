@@ -4,8 +4,9 @@ Modelled on Envoy's outlier detection: `failure_threshold` consecutive failures 
 for ``base x times ejected``, capped, and at most `max_ejected_percent` of the live backends are
 out at once (at least one may always go, the last eligible one never does). A backend that
 enters rotation (registered, or back from ejection) may get its share gradually over
-`slow_start_ns`, as Envoy's and HAProxy's slow start do. The policy lives in the segment
-header, so every process applies the same one.
+`slow_start_ns`, as Envoy's and HAProxy's slow start do; below `panic_percent` eligible,
+every registered backend takes calls again. The policy lives in the segment header, so every
+process applies the same one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class EjectionPolicy:
     max_ns: int = 300 * NS
     max_ejected_percent: int = 50
     slow_start_ns: int = 0
+    panic_percent: int = 50
 
     @classmethod
     def from_seconds(
@@ -37,10 +39,12 @@ class EjectionPolicy:
         max_ejection_seconds: float,
         max_ejected_percent: int,
         slow_start_seconds: float = 0.0,
+        panic_percent: int = 50,
     ) -> EjectionPolicy:
         """Validate user-facing arguments and convert them to the stored integer form."""
         check_int("failure_threshold", failure_threshold, 1)
         check_int("max_ejected_percent", max_ejected_percent, 0, 100)
+        check_int("panic_percent", panic_percent, 0, 100)
         check_seconds("ejection_seconds", ejection_seconds)
         check_seconds("max_ejection_seconds", max_ejection_seconds)
         if slow_start_seconds:
@@ -56,6 +60,7 @@ class EjectionPolicy:
             round(max_ejection_seconds * NS),
             max_ejected_percent,
             round(slow_start_seconds * NS),
+            panic_percent,
         )
 
     def duration_ns(self, times_ejected: int) -> int:
@@ -69,6 +74,14 @@ class EjectionPolicy:
         if age_ns <= 0:
             return MIN_WARMTH
         return max(MIN_WARMTH, age_ns / self.slow_start_ns)
+
+    def panics(self, live: int, eligible: int) -> bool:
+        """Whether so few backends are eligible that all of them should take calls again.
+
+        Envoy's panic threshold: below it, a pool of mostly failing backends is likelier to
+        be failing checks than serving nothing, and refusing every call would be worse.
+        """
+        return eligible * 100 < self.panic_percent * live
 
     def may_eject(self, live: int, ejected: int) -> bool:
         """Whether one more of `live` backends may go when `ejected` of them already are out."""

@@ -89,6 +89,8 @@ class View:
     """Peak-EWMA latency in nanoseconds; 0.0 before a slot's first answer."""
     expires_ns: int = 1 << 62
     """When an ejection ends or a warm-up advances: the view must be rebuilt by then."""
+    panic: bool = False
+    """Too few backends were eligible: `slots` holds every registered one instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,7 @@ class SharedState:
             int(w[L.H_EJECTION_MAX_NS]),
             int(w[L.H_MAX_EJECTED_PERCENT]),
             int(w[L.H_SLOW_START_NS]),
+            int(w[L.H_PANIC_PERCENT]),
         )
 
     def store_policy(self, policy: EjectionPolicy) -> None:
@@ -218,6 +221,7 @@ class SharedState:
         w[L.H_EJECTION_MAX_NS] = policy.max_ns
         w[L.H_MAX_EJECTED_PERCENT] = policy.max_ejected_percent
         w[L.H_SLOW_START_NS] = policy.slow_start_ns
+        w[L.H_PANIC_PERCENT] = policy.panic_percent
         self.policy = policy
 
     def mark_closed(self) -> None:
@@ -409,32 +413,34 @@ class SharedState:
 
         state, weight, down = column(L.STATE), column(L.WEIGHT), column(L.DOWN)
         until, registered = column(L.EJECTED_UNTIL_NS), column(L.REGISTERED_NS)
-        slots: list[int] = []
-        addrs: list[str | None] = [None] * c
-        weights = [float(w) for w in weight]
-        expires = 1 << 62
         policy = self.policy
         step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
-        live = []
+        weights = [float(w) for w in weight]
+        addrs: list[str | None] = [None] * c
+        live: list[str] = []
+        rotation: list[int] = []
+        eligible: list[int] = []
+        expires = 1 << 62
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue
             offset = slot * L.ADDRESS_BYTES
             addr = addresses[offset + 1 : offset + 1 + addresses[offset]].decode()
+            addrs[slot] = addr
             live.append(addr)
             if state[slot] == L.DRAINING:
                 continue
+            rotation.append(slot)
             if until[slot] > now:
                 expires = min(expires, until[slot])
-                continue
-            if down[slot]:
-                continue
-            slots.append(slot)
-            addrs[slot] = addr
-            age = now - max(registered[slot], until[slot])
-            if age < policy.slow_start_ns:
-                weights[slot] *= policy.warmth(age)
-                expires = min(expires, now + step)
+            elif not down[slot]:
+                eligible.append(slot)
+                age = now - max(registered[slot], until[slot])
+                if age < policy.slow_start_ns:
+                    weights[slot] *= policy.warmth(age)
+                    expires = min(expires, now + step)
+        panic = policy.panics(len(rotation), len(eligible))
+        slots = rotation if panic else eligible
         view = View(
             version=version,
             slots=tuple(slots),
@@ -442,7 +448,10 @@ class SharedState:
             in_flight=self.in_flight,
             latency=self.latency,
             expires_ns=expires,
+            panic=panic,
         )
+        picked = set(slots)
+        addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
         return Membership(view, tuple(addrs), frozenset(live))
 
     def register(self, addr: bytes, weight: int) -> int:
@@ -530,6 +539,56 @@ class SharedState:
             if buf[offset] == size and buf[offset + 1 : offset + 1 + size] == addr:
                 return slot
         return -1
+
+    # Retry budget and health -----------------------------------------------------------
+
+    def take_retry(self, row: int, limit: int) -> bool:
+        """Count one more retry under way, unless `limit` of them already are."""
+
+        def update() -> bool:
+            words = self._words
+            if words[L.H_RETRIES] >= limit:
+                return False
+            words[L.H_RETRIES] += 1
+            words[row - L.W_HEADER + L.W_RETRIES] += 1
+            return True
+
+        return self._locked(update)
+
+    def return_retry(self, row: int) -> None:
+        def update() -> None:
+            self._words[L.H_RETRIES] -= 1
+            self._words[row - L.W_HEADER + L.W_RETRIES] -= 1
+
+        self._locked(update)
+
+    def retries(self) -> int:
+        return int(self._words[L.H_RETRIES])
+
+    def set_health(self, addr: bytes, passing: bool | None, down: bool) -> bool:
+        """Record an active health check's verdict on `addr`; True if rotation changed.
+
+        `down` holds the backend out of rotation; a `passing` probe also ends a passive
+        ejection early (as Envoy does), since the backend has shown it answers again.
+        """
+        now = monotonic_ns()
+
+        def update() -> bool:
+            words = self._words
+            slot = self._find(addr)
+            if slot < 0:
+                return False
+            changed = bool(words[self.layout.field(L.DOWN) + slot]) != down
+            words[self.layout.field(L.DOWN) + slot] = int(down)
+            if passing and words[self._ejected_until + slot] > now:
+                words[self._ejected_until + slot] = 0
+                words[self._consecutive + slot] = 0
+                changed = True
+            if changed:
+                words[H_VERSION] += 1
+            return changed
+
+        return self._locked(update)
 
     # Observation -------------------------------------------------------------------------
 
@@ -625,6 +684,8 @@ class SharedState:
                 words[base + slot] = 0
                 if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
                     self._free(slot)
+            words[L.H_RETRIES] -= words[head + L.W_RETRIES]
+            words[head + L.W_RETRIES] = 0
             words[head + L.W_PID] = 0
             return True
 
@@ -652,4 +713,5 @@ class SharedState:
                     words[base + slot] = 0
                 words[self._inflight + slot] = 0
                 words[self._gen + slot] += 1
+        words[L.H_RETRIES] = sum(words[b - L.W_HEADER + L.W_RETRIES] for b in bases)
         words[H_VERSION] += 1
