@@ -12,8 +12,21 @@ from .errors import (
     SegmentError,
     UnknownBackend,
 )
+from .health import HealthCheck
+from .pool import WorkerDied, WorkerPool
 from .state import BackendStats, View
-from .strategies import STRATEGIES, Strategy
+from .strategies import (
+    STRATEGIES,
+    ConsistentHash,
+    LeastLoaded,
+    PeakEwma,
+    PowerOfTwo,
+    Random,
+    RoundRobin,
+    Strategy,
+    WeightedRandom,
+    WeightedRoundRobin,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -22,15 +35,26 @@ __all__ = [
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
+    "ConsistentHash",
     "DispatcherError",
     "DuplicateBackend",
+    "HealthCheck",
     "HttpBackend",
     "HttpRequest",
     "HttpResponse",
     "InvalidAddress",
+    "LeastLoaded",
     "NoBackendAvailable",
+    "PeakEwma",
+    "PowerOfTwo",
+    "Random",
+    "RoundRobin",
     "SegmentError",
     "Strategy",
     "UnknownBackend",
     "View",
+    "WeightedRandom",
+    "WeightedRoundRobin",
+    "WorkerDied",
+    "WorkerPool",
 ]
