@@ -12,21 +12,9 @@ from .errors import (
     SegmentError,
     UnknownBackend,
 )
-from .health import HealthCheck
 from .pool import WorkerDied, WorkerPool
 from .state import BackendStats, View
-from .strategies import (
-    STRATEGIES,
-    ConsistentHash,
-    LeastLoaded,
-    PeakEwma,
-    PowerOfTwo,
-    Random,
-    RoundRobin,
-    Strategy,
-    WeightedRandom,
-    WeightedRoundRobin,
-)
+from .strategies import STRATEGIES, Strategy
 
 __all__ = [
     "STRATEGIES",
@@ -35,26 +23,17 @@ __all__ = [
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
-    "ConsistentHash",
     "DispatcherError",
     "DuplicateBackend",
-    "HealthCheck",
     "HttpBackend",
     "HttpRequest",
     "HttpResponse",
     "InvalidAddress",
-    "LeastLoaded",
     "NoBackendAvailable",
-    "PeakEwma",
-    "PowerOfTwo",
-    "Random",
-    "RoundRobin",
     "SegmentError",
     "Strategy",
     "UnknownBackend",
     "View",
-    "WeightedRandom",
-    "WeightedRoundRobin",
     "WorkerDied",
     "WorkerPool",
 ]
