@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import subprocess
 import threading
 import time
 import weakref
@@ -23,6 +24,7 @@ from time import monotonic_ns
 from typing import Any
 
 from . import layout as L
+from . import monitor as _monitor
 from . import segment, workers
 from .address import parse_address
 from .backends import Backend, HttpBackend
@@ -34,6 +36,7 @@ from .errors import (
     NoBackendAvailable,
     SegmentError,
 )
+from .health import HealthCheck
 from .lock import new_lock, open_lock
 from .policy import EjectionPolicy
 from .state import (
@@ -83,6 +86,8 @@ class Balancer:
         max_ejected_percent: int = 50,
         slow_start_seconds: float = 0.0,
         panic_percent: int = 50,
+        health_check: HealthCheck | None = None,
+        monitor: bool = True,
         shared: bool = True,
     ) -> None:
         check_int("capacity", capacity, 1, 1 << 16)
@@ -98,6 +103,12 @@ class Balancer:
         chosen = make_strategy(strategy)
         if not callable(backend_factory):
             raise TypeError("backend_factory must be callable as backend_factory(addr)")
+        if health_check is not None and not isinstance(health_check, HealthCheck):
+            raise TypeError("health_check must be a dispatcher.HealthCheck")
+        if health_check is not None and not (shared and monitor):
+            raise ValueError(
+                "health checks run in the monitor: they need shared=True, monitor=True"
+            )
         if isinstance(addrs, str):
             raise TypeError("addrs must be an iterable of 'host:port' strings, not one string")
         parsed = [parse_address(addr) for addr in addrs]
@@ -130,7 +141,8 @@ class Balancer:
                 shm.unlink()
             raise
         self._lock = lock
-        self._setup(shm, state, strategy, chosen, backend_factory, owner=True)
+        watcher = _monitor.start(shm.name, health_check) if shm and monitor else None
+        self._setup(shm, state, strategy, chosen, backend_factory, owner=True, monitor=watcher)
 
     def _setup(
         self,
@@ -141,6 +153,7 @@ class Balancer:
         backend_factory: BackendFactory,
         *,
         owner: bool,
+        monitor: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self._shm = shm
         self._state = state
@@ -151,7 +164,9 @@ class Balancer:
         self._factory = backend_factory
         self._owner_pid = os.getpid() if owner else -1
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_segment, shm, state, self._owner_pid)
+        self._finalizer = weakref.finalize(
+            self, _close_segment, shm, state, self._owner_pid, monitor
+        )
         self._reset_process()
         _balancers.add(self)
 
@@ -363,6 +378,14 @@ class Balancer:
             return "no backend is registered"
         return f"none of the {len(stats)} backends is eligible (ejected, down or draining)"
 
+    async def ainvoke(
+        self, request: Any, *, timeout: float | None = None, key: object = None
+    ) -> Any:
+        """`invoke` for an event loop: the backends must be async (see `dispatcher.aio`)."""
+        from .aio import ainvoke
+
+        return await ainvoke(self, request, timeout=timeout, key=key)
+
     # Membership --------------------------------------------------------------------------
 
     def register(self, addr: str, weight: int = 1) -> None:
@@ -449,11 +472,16 @@ class Balancer:
 
 
 def _close_segment(
-    shm: shared_memory.SharedMemory | None, state: SharedState, owner_pid: int
+    shm: shared_memory.SharedMemory | None,
+    state: SharedState,
+    owner_pid: int,
+    monitor: subprocess.Popen[bytes] | None,
 ) -> None:
     owner = owner_pid == os.getpid()
     if owner:
         state.mark_closed()
+        if monitor is not None:
+            _monitor.stop(monitor)
     state.release_views()
     if shm is not None:
         shm.close()
