@@ -14,7 +14,18 @@ from .errors import (
 )
 from .pool import WorkerDied, WorkerPool
 from .state import BackendStats, View
-from .strategies import STRATEGIES, Strategy
+from .strategies import (
+    STRATEGIES,
+    ConsistentHash,
+    LeastLoaded,
+    PeakEwma,
+    PowerOfTwo,
+    Random,
+    RoundRobin,
+    Strategy,
+    WeightedRandom,
+    WeightedRoundRobin,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -23,17 +34,25 @@ __all__ = [
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
+    "ConsistentHash",
     "DispatcherError",
     "DuplicateBackend",
     "HttpBackend",
     "HttpRequest",
     "HttpResponse",
     "InvalidAddress",
+    "LeastLoaded",
     "NoBackendAvailable",
+    "PeakEwma",
+    "PowerOfTwo",
+    "Random",
+    "RoundRobin",
     "SegmentError",
     "Strategy",
     "UnknownBackend",
     "View",
+    "WeightedRandom",
+    "WeightedRoundRobin",
     "WorkerDied",
     "WorkerPool",
 ]

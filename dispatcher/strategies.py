@@ -6,15 +6,45 @@ commits its choice under the shared lock and asks again if the view went stale m
 
 To add one, write a class with `uses_cursor` and `pick`, and pass an instance as
 ``Balancer(strategy=...)``; to make it available by name, add it to `STRATEGIES`.
+
+Anything a strategy derives from the slots and weights (a schedule, prefix sums, a hash ring)
+is built once per view and kept until the view changes, so a pick costs no allocation
+proportional to the pool. Views change with membership and, during slow start, as weights
+ramp up; between those changes the same `View` object is handed to every pick.
+
+Strategies that draw random numbers take a `seed` for tests. A forked child (os.fork,
+gunicorn, multiprocessing's fork) and an unpickled copy (spawn) each draw a fresh seed: worker
+processes that made the same random choices would herd onto the same backends together.
+Pickling carries only the constructor's arguments, never caches or generator state.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
-from typing import ClassVar, Protocol, runtime_checkable
+import hashlib
+import math
+import os
+import random
+import weakref
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+from .latency import FAILURE_PENALTY_NS
 from .state import View
+
+T = TypeVar("T")
+
+MAX_SCHEDULE = 1024
+"""Longest smooth weighted round-robin cycle; larger weight sums are scaled down to fit."""
+WEIGHT_RESOLUTION = 100
+"""Fractional weights (slow start) are rounded to 1/100 of a unit before building a schedule."""
+RING_POINTS = 160
+"""Points per backend on the consistent-hash ring, as ketama and NGINX's `hash consistent`."""
+UNMEASURED_NS = float(FAILURE_PENALTY_NS)
+"""What `PeakEwma` assumes of an unmeasured backend that is already busy with a first call."""
+
+_MASK64 = (1 << 64) - 1
 
 
 @runtime_checkable
@@ -32,8 +62,132 @@ class Strategy(Protocol):
     def pick(self, view: View, cursor: int, key: int | None) -> int: ...
 
 
+class _PerView(Generic[T]):
+    """A structure derived from a view's slots and weights, rebuilt only when those change.
+
+    Keyed by the view object first (the balancer reuses it between refreshes), then by its
+    version, slots and weights, so a refreshed but unchanged view keeps the structure. The
+    entry is replaced in one assignment, so threads sharing a strategy never see half of one.
+    """
+
+    __slots__ = ("_build", "_entry")
+
+    def __init__(self, build: Callable[[View], T]) -> None:
+        self._build = build
+        self._entry: tuple[View, T] | None = None
+
+    def get(self, view: View) -> T:
+        entry = self._entry
+        if entry is not None:
+            old, value = entry
+            if old is view:
+                return value
+            if (
+                old.version == view.version
+                and old.slots == view.slots
+                and old.weights == view.weights
+            ):
+                self._entry = (view, value)
+                return value
+        value = self._build(view)
+        self._entry = (view, value)
+        return value
+
+
+class _Sampler:
+    """Draws one or two distinct slots, uniformly or in proportion to weight, in O(log n)."""
+
+    __slots__ = ("prefix", "slots", "total")
+
+    def __init__(self, view: View, weighted: bool = True) -> None:
+        self.slots = view.slots
+        weights = [float(view.weights[s]) for s in self.slots]
+        self.prefix: list[float] | None = None
+        self.total = 0.0
+        if weighted and weights and min(weights) != max(weights) and max(weights) > 0:
+            self.prefix = list(accumulate(max(w, 0.0) for w in weights))
+            self.total = self.prefix[-1]
+
+    def one(self, rng: random.Random) -> int:
+        slots, prefix = self.slots, self.prefix
+        if prefix is None:
+            return slots[rng.randrange(len(slots))]
+        return slots[min(bisect_right(prefix, rng.random() * self.total), len(slots) - 1)]
+
+    def two(self, rng: random.Random) -> tuple[int, int]:
+        """Two different slots; needs at least two."""
+        slots, prefix = self.slots, self.prefix
+        n = len(slots)
+        if prefix is None:
+            i = rng.randrange(n)
+            j = rng.randrange(n - 1)
+            return slots[i], slots[j + (j >= i)]
+        i = min(bisect_right(prefix, rng.random() * self.total), n - 1)
+        low = prefix[i - 1] if i else 0.0
+        width = prefix[i] - low
+        # Draw from the weight of the others and step over the first one's interval.
+        r = rng.random() * (self.total - width)
+        if r >= low:
+            r += width
+        j = min(bisect_right(prefix, r), n - 1)
+        if j == i:
+            j = i + 1 if i + 1 < n else i - 1
+        return slots[i], slots[j]
+
+
+_randomised: weakref.WeakSet[_Randomised] = weakref.WeakSet()
+
+
+class _Randomised:
+    """Base of the strategies that draw random numbers: a seed for tests, fresh per process.
+
+    Subclasses list their constructor arguments in `_params` (pickling carries only those)
+    and build their per-process state in `_start`.
+    """
+
+    _params: ClassVar[tuple[str, ...]] = ("seed",)
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._begin(seed)
+
+    def _begin(self, seed: int | None) -> None:
+        self._rng = random.Random(seed)
+        self._start()
+        _randomised.add(self)
+
+    def _start(self) -> None:
+        """Build this process's caches."""
+
+    def _reseed(self) -> None:
+        self._rng.seed()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._params}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._begin(None)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._params)
+        return f"{type(self).__name__}({args})"
+
+
+def _reseed_after_fork() -> None:
+    for strategy in list(_randomised):
+        strategy._reseed()
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
 class RoundRobin:
-    """Each eligible backend in turn, from one cursor shared by every process."""
+    """Each eligible backend in turn, from one cursor shared by every process.
+
+    Ignores weights, so slow start does not apply: use `WeightedRoundRobin` for either.
+    """
 
     name: ClassVar[str] = "round_robin"
     uses_cursor = True
@@ -43,43 +197,345 @@ class RoundRobin:
         return slots[cursor % len(slots)]
 
 
+class Random(_Randomised):
+    """A uniformly random eligible backend (Envoy's RANDOM).
+
+    Needs no shared cursor, so picks never contend for it. Ignores weights and thus slow start:
+    use `WeightedRandom` for either.
+    """
+
+    name: ClassVar[str] = "random"
+    uses_cursor = False
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        slots = view.slots
+        return slots[self._rng.randrange(len(slots))]
+
+
+def _integer_weights(weights: Sequence[float]) -> list[int]:
+    """Small positive integers in the proportions of `weights`, summing to about MAX_SCHEDULE
+    at most. Integral weights stay exact (1:3 gives a cycle of 4); fractional ones, as slow
+    start makes them, are rounded to WEIGHT_RESOLUTION."""
+    if all(w == int(w) for w in weights):
+        ints = [max(1, int(w)) for w in weights]
+    else:
+        ints = [max(1, round(w * WEIGHT_RESOLUTION)) for w in weights]
+    total = sum(ints)
+    if total > MAX_SCHEDULE:
+        ints = [max(1, round(i * MAX_SCHEDULE / total)) for i in ints]
+    divisor = math.gcd(*ints)
+    return [i // divisor for i in ints]
+
+
+def smooth_schedule(slots: Sequence[int], weights: Sequence[int]) -> tuple[int, ...]:
+    """One cycle of NGINX's smooth weighted round-robin over `slots` with integer `weights`.
+
+    Each step adds every weight to its peer's current value, takes the highest (the first on
+    a tie) and subtracts the total from it. Over a cycle each slot appears `weight` times, and
+    the picks of each slot are spread evenly instead of coming in a burst.
+    """
+    total = sum(weights)
+    n = len(slots)
+    current = [0] * n
+    order = []
+    for _ in range(total):
+        best, top = 0, current[0] + weights[0]
+        current[0] = top
+        for i in range(1, n):
+            value = current[i] + weights[i]
+            current[i] = value
+            if value > top:
+                best, top = i, value
+        current[best] -= total
+        order.append(slots[best])
+    return tuple(order)
+
+
+def _schedule(view: View) -> tuple[int, ...]:
+    weights = [view.weights[s] for s in view.slots]
+    if min(weights) == max(weights):
+        return view.slots
+    return smooth_schedule(view.slots, _integer_weights(weights))
+
+
+class WeightedRoundRobin:
+    """Smooth weighted round-robin, as NGINX's default `ngx_http_upstream_get_peer`.
+
+    The NGINX sequence is computed once per view (weights 1:3 give ``b a b b``) and indexed by
+    the shared cursor, so the whole fleet of processes follows one cycle: over any whole number
+    of cycles each backend gets exactly its share, and a light backend is never skipped for a
+    cycle. Fractional weights (slow start) are rounded to 1/100 and the cycle is bounded by
+    `MAX_SCHEDULE`, so very unequal weights are approximated (the lightest keeps one turn).
+    Follows `view.weights`, so slow start ramps a new backend's share.
+    """
+
+    name: ClassVar[str] = "weighted_round_robin"
+    uses_cursor = True
+
+    def __init__(self) -> None:
+        self._schedule = _PerView(_schedule)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        schedule = self._schedule.get(view)
+        return schedule[cursor % len(schedule)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._schedule = _PerView(_schedule)
+
+
+class WeightedRandom(_Randomised):
+    """A random eligible backend with probability proportional to its weight.
+
+    Prefix sums of the weights are built once per view; a pick is one bisect, O(log n).
+    Follows `view.weights`, so slow start ramps a new backend's share.
+    """
+
+    name: ClassVar[str] = "weighted_random"
+    uses_cursor = False
+
+    def _start(self) -> None:
+        self._sampler = _PerView(_Sampler)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        return self._sampler.get(view).one(self._rng)
+
+
+def _zeros(view: View) -> list[float]:
+    return [0.0] * (max(view.slots, default=0) + 1)
+
+
 class LeastLoaded:
     """The backend with the fewest calls in flight across all processes, per unit of weight.
 
-    Ties go to the first candidate after a start that rotates with every pick, so equal
-    backends share the load instead of slot 0 taking every tie.
+    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins, and ties are broken by
+    smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
+    loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
+    which is how slow start ramps a new backend even when nothing is in flight). The
+    round-robin state is this process's own and restarts when the view changes.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._turn = itertools.count()
+        self._current = _PerView(_zeros)
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots, in_flight, weights = view.slots, view.in_flight, view.weights
-        n = len(slots)
-        start = next(self._turn) % n
-        best = slots[start]
-        best_load, best_weight = in_flight[best], weights[best]
-        for i in range(start + 1, start + n):
-            slot = slots[i % n]
-            load = in_flight[slot]
-            # load / weight < best_load / best_weight, without division
-            if load * best_weight < best_load * weights[slot]:
-                best, best_load, best_weight = slot, load, weights[slot]
-        return best
+        best = slots[0]
+        low = in_flight[best] / weights[best]
+        for slot in slots:
+            load = in_flight[slot] / weights[slot]
+            if load < low:
+                best, low = slot, load
+        current = self._current.get(view)
+        chosen, top, total = -1, -math.inf, 0.0
+        for slot in slots:
+            if in_flight[slot] / weights[slot] == low:
+                weight = weights[slot]
+                value = current[slot] + weight
+                current[slot] = value
+                total += weight
+                if value > top:
+                    chosen, top = slot, value
+        if chosen < 0:
+            # Counts moved between the two passes (other processes); the first answer stands.
+            return best
+        current[chosen] -= total
+        return chosen
 
-    def __getstate__(self) -> dict[str, object]:
+    def __getstate__(self) -> dict[str, Any]:
         return {}
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__()  # type: ignore[misc]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._current = _PerView(_zeros)
+
+
+class PowerOfTwo(_Randomised):
+    """Power of two choices: two distinct random backends, the less loaded one wins.
+
+    Mitzenmacher's result (maximum load ln ln n / ln 2 instead of ln n / ln ln n), Envoy's
+    default LEAST_REQUEST and NGINX's `random two least_conn`. As in NGINX, candidates are
+    drawn in proportion to weight and compared by ``in_flight / weight``, so slow start
+    applies both when idle and under load; ties go to the first draw. Unlike a full scan it
+    does not herd when many pickers decide at once: each sees a different pair.
+    """
+
+    name: ClassVar[str] = "power_of_two"
+    uses_cursor = False
+
+    def _start(self) -> None:
+        self._sampler = _PerView(_Sampler)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        if len(view.slots) == 1:
+            return view.slots[0]
+        a, b = self._sampler.get(view).two(self._rng)
+        in_flight, weights = view.in_flight, view.weights
+        if in_flight[b] * weights[a] < in_flight[a] * weights[b]:
+            return b
+        return a
+
+
+def _ring_points(slot: int) -> tuple[int, ...]:
+    """The slot's RING_POINTS 64-bit positions: the same in every process and every run."""
+    points: list[int] = []
+    for block in range(RING_POINTS // 8):
+        digest = hashlib.blake2b(
+            f"{slot}-{block}".encode(), digest_size=64, person=b"dispatcher-ring"
+        ).digest()
+        points.extend(int.from_bytes(digest[i : i + 8], "big") for i in range(0, 64, 8))
+    return tuple(points)
+
+
+_points_of: dict[int, tuple[int, ...]] = {}
+
+
+class _Ring:
+    __slots__ = ("owners", "points")
+
+    def __init__(self, view: View) -> None:
+        pairs: list[tuple[int, int]] = []
+        for slot in view.slots:
+            points = _points_of.get(slot)
+            if points is None:
+                points = _points_of[slot] = _ring_points(slot)
+            pairs.extend((point, slot) for point in points)
+        pairs.sort()
+        self.points = [point for point, _ in pairs]
+        self.owners = [slot for _, slot in pairs]
+
+
+def _uniform_sampler(view: View) -> _Sampler:
+    return _Sampler(view, weighted=False)
+
+
+class ConsistentHash(_Randomised):
+    """Calls with the same ``key=`` go to the same backend, in every process.
+
+    A ketama ring (as NGINX's `hash ... consistent` and HAProxy's consistent hashing): each
+    slot owns RING_POINTS pseudo-random points and a key goes to the owner of the first point
+    at or after its hash. Chosen over the alternatives because:
+
+    * removing a backend moves only the keys it owned (about 1/N of them) to its ring
+      neighbours, and adding one takes about 1/N; Maglev moves about twice as many;
+    * a pick is one C-level bisect, O(log n); rendezvous hashing needs n hashes per pick in
+      Python, and Maglev's 65,537-entry table would take each process tens of milliseconds to
+      rebuild on every ejection;
+    * bounded load has a natural meaning: walk on along the ring to the next backend.
+
+    Points belong to slots, and every process agrees on slots, so the mapping is the same in
+    every process and in every run; a backend re-registered in another slot takes other keys.
+    Weights are ignored (so slow start does not apply): moving keys as weights ramp would
+    defeat stickiness.
+
+    `balance_factor` (c > 1, like HAProxy's ``hash-balance-factor 125`` as 1.25) bounds load:
+    a backend already at ``ceil(c x (total in flight + 1) / n)`` calls is passed over for the
+    next one along the ring (Mirrokni, Thorup and Zadimoghaddam). Keys then stay put until
+    their backend is overloaded.
+
+    A call without a key goes to the less loaded of two random backends (`PowerOfTwo`
+    without weights): it has no affinity to honour, so the choice should at least be cheap
+    and load-aware.
+    """
+
+    name: ClassVar[str] = "consistent_hash"
+    uses_cursor = False
+    _params = ("balance_factor", "seed")
+
+    def __init__(self, balance_factor: float | None = None, seed: int | None = None) -> None:
+        if balance_factor is not None and not (
+            isinstance(balance_factor, int | float) and 1.0 < balance_factor < math.inf
+        ):
+            raise ValueError(f"balance_factor must be a number above 1, not {balance_factor!r}")
+        self.balance_factor = balance_factor
+        super().__init__(seed)
+
+    def _start(self) -> None:
+        self._ring = _PerView(_Ring)
+        self._sampler = _PerView(_uniform_sampler)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        slots, in_flight = view.slots, view.in_flight
+        if key is None:
+            if len(slots) == 1:
+                return slots[0]
+            a, b = self._sampler.get(view).two(self._rng)
+            return b if in_flight[b] < in_flight[a] else a
+        ring = self._ring.get(view)
+        points, owners = ring.points, ring.owners
+        size = len(points)
+        at = bisect_left(points, key & _MASK64) % size
+        slot = owners[at]
+        factor = self.balance_factor
+        if factor is None:
+            return slot
+        total = 0
+        for s in slots:
+            total += in_flight[s]
+        limit = math.ceil(factor * (total + 1) / len(slots))
+        # The least loaded backend is always below the limit, so the walk ends.
+        for step in range(size):
+            candidate = owners[(at + step) % size]
+            if in_flight[candidate] < limit:
+                return candidate
+        return slot
+
+
+class PeakEwma(_Randomised):
+    """Latency-aware power of two choices, as Finagle's `p2cPeakEwma` and Linkerd.
+
+    Two distinct random backends (drawn by weight, as `PowerOfTwo`); the one with the lower
+    ``latency x (in_flight + 1) / weight`` wins, where latency is the shared peak EWMA
+    (`dispatcher.latency`): a backend that turns slow costs more from its first slow answer,
+    and a failure counts as an answer of at least a second, so a backend that fails fast
+    never looks fast.
+
+    An unmeasured backend (latency 0.0: just registered) costs nothing while it has no call in
+    flight, so it is probed at once; while its first calls are in flight it costs as much as
+    a failing one (`UNMEASURED_NS`), so it is not flooded before its first answer. This is
+    Finagle's rule (cost 0 when idle, a large penalty when busy).
+
+    The average decays only when a backend answers, so a backend that was once slow keeps
+    its cost until it is chosen again; it is chosen again when the other candidate's
+    ``latency x (in_flight + 1)`` rises above it.
+    """
+
+    name: ClassVar[str] = "peak_ewma"
+    uses_cursor = False
+
+    def _start(self) -> None:
+        self._sampler = _PerView(_Sampler)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        if len(view.slots) == 1:
+            return view.slots[0]
+        a, b = self._sampler.get(view).two(self._rng)
+        return b if _cost(view, b) < _cost(view, a) else a
+
+
+def _cost(view: View, slot: int) -> float:
+    latency = view.latency[slot]
+    load = view.in_flight[slot]
+    if latency <= 0.0:
+        if load == 0:
+            return 0.0
+        latency = UNMEASURED_NS
+    return latency * (load + 1) / view.weights[slot]
 
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
     RoundRobin.name: RoundRobin,
+    Random.name: Random,
+    WeightedRoundRobin.name: WeightedRoundRobin,
+    WeightedRandom.name: WeightedRandom,
     LeastLoaded.name: LeastLoaded,
+    PowerOfTwo.name: PowerOfTwo,
+    ConsistentHash.name: ConsistentHash,
+    PeakEwma.name: PeakEwma,
 }
 
 
