@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .errors import SegmentError
 from .health import HealthCheck, HealthTracker
 
 if TYPE_CHECKING:
@@ -78,7 +79,10 @@ def run(spec: Spec) -> None:
     from .balancer import Balancer  # noqa: PLC0415 - balancer.py imports this module
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    balancer = Balancer.attach(spec.name, strategy="round_robin")
+    try:
+        balancer = Balancer.attach(spec.name, strategy="round_robin")
+    except SegmentError:
+        return  # the owner closed the balancer before this process was up
     health = spec.health
     tracker = HealthTracker(health.rise, health.fall) if health else None
     probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") if health else None
@@ -119,4 +123,3 @@ def main() -> None:
     if not isinstance(spec, Spec):
         raise SystemExit("dispatcher.monitor expects a Spec on standard input")
     run(spec)
-

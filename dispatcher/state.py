@@ -385,7 +385,9 @@ class SharedState:
             times = words[self._times_ejected + slot] + 1
             words[self._times_ejected + slot] = times
             words[self._ejected_until + slot] = now + policy.duration_ns(times)
-            words[L.H_VERSION] += 1
+            # Back from ejection it counts as unmeasured, so latency-aware picks probe it.
+            self._floats[self._ewma + slot] = 0.0
+            words[H_VERSION] += 1
 
     # Membership --------------------------------------------------------------------------
 

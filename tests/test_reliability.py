@@ -5,16 +5,22 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import threading
 import time
+import warnings
 
 import pytest
 
-from dispatcher import Balancer
+from dispatcher import Balancer, HealthCheck, SegmentError
 from tests import helpers
 from tests.helpers import Echo
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("write_holder", [True, False], ids=["recorded", "anonymous"])
@@ -54,3 +60,127 @@ def test_a_slow_holder_that_is_alive_is_waited_for(caplog: pytest.LogCaptureFixt
         assert child.exitcode == 0
         assert "died" not in caplog.text
         assert sum(s.requests for s in b.snapshot()) == 1
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> float:
+    """Wait until `condition()` holds; return how long it took."""
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def in_flight(b: Balancer) -> int:
+    return sum(s.in_flight for s in b.snapshot())
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_killed_workers_counts_return_to_zero_without_traffic(method: str) -> None:
+    """A forked and a spawned child each hold a call, are SIGKILLed; the parent sends nothing."""
+    ctx = multiprocessing.get_context(method)
+    gate = ctx.Event()
+    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as b:
+        children = [
+            ctx.Process(target=helpers.hold_one_call, args=(b, gate)),
+            ctx.Process(target=helpers.hold_one_call_attached, args=(b.name, gate)),
+        ]
+        for child in children:
+            child.start()
+        wait_for(lambda: in_flight(b) == 2, timeout=30)
+        for child in children:
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        for child in children:
+            child.join(10)
+        # Reaped by the monitor process within its interval (0.5 s), well under 2 s.
+        wait_for(lambda: in_flight(b) == 0, timeout=2.0)
+        assert sum(s.requests for s in b.snapshot()) == 0
+
+
+def start_owner() -> subprocess.Popen[str]:
+    code = f"from tests.helpers import owner_until_stdin_closes as o; o({ADDRS!r})"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_owner_killed_first_attached_keep_working() -> None:
+    owner = start_owner()
+    assert owner.stdout is not None and owner.stdin is not None
+    name = owner.stdout.readline().strip()
+    attached = Balancer.attach(name, backend_factory=Echo)
+    try:
+        assert attached.invoke(None) in ADDRS
+        owner.kill()
+        owner.wait(10)
+        owner.stdin.close()
+        owner.stdout.close()
+        # The mapping stays valid: the worker keeps balancing on the orphaned state.
+        assert [attached.invoke(None) for _ in range(3)]
+        assert sum(s.requests for s in attached.snapshot()) == 4
+    finally:
+        attached.close()
+    wait_for(lambda: not os.path.exists(f"/dev/shm/{name}"), timeout=10)
+
+
+def test_owner_closing_first_gives_attached_a_clear_error() -> None:
+    owner = start_owner()
+    assert owner.stdout is not None and owner.stdin is not None
+    name = owner.stdout.readline().strip()
+    attached = Balancer.attach(name, backend_factory=Echo)
+    try:
+        assert attached.invoke(None) in ADDRS
+        owner.stdin.close()
+        assert owner.wait(10) == 0
+        owner.stdout.close()
+        with pytest.raises(SegmentError, match="closed by its owner"):
+            attached.invoke(None)
+    finally:
+        attached.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_a_pickled_handle_to_a_closed_segment_is_a_clear_error() -> None:
+    b = Balancer(ADDRS, backend_factory=Echo)
+    data = pickle.dumps(b)
+    b.close()
+    with pytest.raises(SegmentError, match="does not exist"):
+        pickle.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_attach() -> None:
+    with Balancer(ADDRS, backend_factory=Echo) as b:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                Balancer.attach(b.name)
+            except SegmentError as exc:
+                code = 0 if "Permission denied" in str(exc) else 2
+            except BaseException:
+                code = 3
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_fork_after_creating_a_balancer_copies_no_threads() -> None:
+    """gunicorn's preload forks after the app built the balancer: nothing threaded to copy."""
+    with Balancer(ADDRS, backend_factory=Echo, health_check=HealthCheck(interval=0.05)) as b:
+        b.invoke(None)
+        assert threading.active_count() == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0 if b.invoke(None) in ADDRS else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0

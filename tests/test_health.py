@@ -1,0 +1,193 @@
+"""Active health checks, outlier limits and retries, against real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatcher import (
+    BackendError,
+    Balancer,
+    HealthCheck,
+    HttpRequest,
+    NoBackendAvailable,
+)
+from dispatcher.health import HealthTracker
+from tests import helpers
+from tests.helpers import Echo
+
+
+class Server:
+    """A loopback HTTP server whose health endpoint and answers can be switched."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.failing = False
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    status = 200 if outer.healthy else 503
+                else:
+                    status = 500 if outer.failing else 200
+                body = str(outer.port).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_port
+        self.addr = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started = [Server() for _ in range(3)]
+    yield started
+    for server in started:
+        server.stop()
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def stats_of(b: Balancer) -> dict[str, Any]:
+    return {s.addr: s for s in b.snapshot()}
+
+
+def test_tracker_needs_fall_failures_to_go_down_and_rise_passes_to_come_back() -> None:
+    tracker = HealthTracker(rise=2, fall=3)
+    seen = [tracker.observe("a", passed) for passed in [False, False, True, False, False, False]]
+    assert seen == [False, False, False, False, False, True]
+    seen = [tracker.observe("a", passed) for passed in [True, False, True, True]]
+    assert seen == [True, True, True, False]
+    tracker.forget(set())
+    assert tracker.observe("a", False) is False
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"path": "healthz"}, {"interval": 0}, {"rise": 0}, {"fall": -1}, {"timeout": float("nan")}],
+)
+def test_health_check_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        HealthCheck(**kwargs)
+
+
+def test_failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back(
+    servers: list[Server],
+) -> None:
+    check = HealthCheck(path="/healthz", interval=0.05, rise=2, fall=2, timeout=1.0)
+    sick = servers[0]
+    with Balancer([s.addr for s in servers], health_check=check) as b:
+        sick.healthy = False
+        wait_for(lambda: stats_of(b)[sick.addr].down)
+        ports = {b.invoke(HttpRequest("GET", "/")).body for _ in range(20)}
+        assert str(sick.port).encode() not in ports and len(ports) == 2
+        sick.healthy = True
+        wait_for(lambda: not stats_of(b)[sick.addr].down)
+        ports = {b.invoke(HttpRequest("GET", "/")).body for _ in range(20)}
+        assert str(sick.port).encode() in ports
+
+
+def test_a_passing_health_check_ends_a_passive_ejection(servers: list[Server]) -> None:
+    check = HealthCheck(path="/healthz", interval=0.05)
+    bad = servers[0]
+    with Balancer(
+        [s.addr for s in servers], health_check=check, failure_threshold=1, ejection_seconds=300
+    ) as b:
+        bad.failing = True
+        while not stats_of(b)[bad.addr].ejected:
+            with contextlib.suppress(BackendError):
+                b.invoke(HttpRequest("GET", "/"))
+        # Its health endpoint still answers 200: the next probe un-ejects it.
+        wait_for(lambda: not stats_of(b)[bad.addr].ejected)
+
+
+def test_user_callable_health_check(servers: list[Server]) -> None:
+    check = HealthCheck(interval=0.05, fall=1, check=helpers.always_false)
+    with Balancer([s.addr for s in servers], health_check=check, panic_percent=0) as b:
+        wait_for(lambda: all(s.down for s in b.snapshot()))
+        with pytest.raises(NoBackendAvailable, match="none of the 3"):
+            b.invoke(HttpRequest("GET", "/"))
+
+
+def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
+    addrs = [f"10.0.2.{i}:80" for i in range(1, 5)]
+    with Balancer(addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100) as b:
+        for _ in range(3):  # three different backends fail once each: 1 of 4 left
+            with pytest.raises(RuntimeError):
+                b.invoke("fail")
+        assert sum(s.ejected for s in b.snapshot()) == 3
+        # Below 50% eligible: every registered backend takes calls again.
+        assert Counter(b.invoke(None) for _ in range(8)) == dict.fromkeys(addrs, 2)
+
+
+def test_retries_go_to_different_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    addrs = [f"10.0.3.{i}:80" for i in range(1, 6)]
+    monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs[:3]))
+    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
+        for _ in range(10):
+            assert b.invoke(None, retries=3) in addrs[3:]
+            # No backend is tried twice by one call.
+            assert b._state.retries() == 0
+        failures = [stats_of(b)[a].failures for a in addrs]
+        assert failures[3:] == [0, 0] and min(failures[:3]) >= 1
+        monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
+        with pytest.raises(ConnectionError):
+            b.invoke(None, retries=10)
+        before = sum(failures)
+        # Ten retries allowed, but only five distinct backends to try.
+        assert sum(s.failures for s in b.snapshot()) == before + 5
+        assert b._state.retries() == 0
+
+
+def test_retry_budget_is_shared_and_bounds_concurrent_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    addrs = [f"10.0.4.{i}:80" for i in range(1, 4)]
+    monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
+    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
+        b._claim_row()
+        for _ in range(3):  # the budget's floor: three retries under way at once, anywhere
+            assert b._state.take_retry(b._row, 3)
+        with pytest.raises(ConnectionError):
+            b.invoke(None, retries=2)
+        assert sum(s.requests for s in b.snapshot()) == 1  # no retry was allowed
+        for _ in range(3):
+            b._state.return_retry(b._row)
+        assert b._state.retries() == 0
+
+
+def test_retries_stop_at_the_deadline() -> None:
+    addrs = [f"10.0.5.{i}:80" for i in range(1, 11)]
+    with Balancer(addrs, backend_factory=helpers.SlowFail, failure_threshold=100) as b:
+        with pytest.raises(TimeoutError):
+            b.invoke(None, timeout=0.12, retries=50)
+        attempts = sum(s.requests for s in b.snapshot())
+        assert 1 <= attempts < 10  # each attempt takes 0.05 s: the deadline ends them early
