@@ -199,3 +199,105 @@ class SlowFail:
     def invoke(self, request: Any, *, timeout: float | None = None) -> str:
         time.sleep(0.05)
         raise TimeoutError(f"{self.addr} is slow and failing")
+
+
+def send_load(balancer: Balancer, stop: Any, out: Any, seconds: float) -> None:
+    """Call the balancer until `stop` is set (at most `seconds`); report picks and errors."""
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            addr = balancer.invoke(None)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        else:
+            seen[addr] = seen.get(addr, 0) + 1
+        time.sleep(0.001)
+    out.put((seen, errors))
+    balancer.close()
+
+
+def run_discovery(balancer: Balancer, resolver: Any, stop: Any) -> None:
+    """Follow `resolver` from this process until `stop` is set, as a monitor process would."""
+    from dispatcher.discovery import Discovery
+
+    with Discovery(balancer, resolver):
+        stop.wait(30)
+    balancer.close()
+
+
+def localhost_lookup(name: str, rdtype: str) -> list[Any]:
+    """A module-level (so picklable) DNS lookup that answers 127.0.0.1 for anything."""
+    from dispatcher.discovery import DnsRecord
+
+    return [DnsRecord("127.0.0.1", 80, ttl=5.0)]
+
+
+# Apps served by real gunicorn and uvicorn in tests/test_servers.py -------------------------
+
+
+def _backend_request(path: str) -> Any:
+    from dispatcher import HttpRequest
+
+    return HttpRequest("GET", path, headers={"X-Worker": str(os.getpid())})
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """/name: the balancer's segment name; anything else: that path, called on a backend.
+
+    The answer is ``<worker pid> <backend's answer>``.
+    """
+    from dispatcher.servers import attach_from_env
+
+    balancer = attach_from_env()
+    path = environ["PATH_INFO"]
+    if path == "/name":
+        body = balancer.name.encode()
+    else:
+        answer = balancer.invoke(_backend_request(path), timeout=30)
+        body = f"{os.getpid()} ".encode() + answer.body
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """`wsgi_app` for asyncio: the same answers, through ``await balancer.ainvoke``."""
+    from dispatcher.aio import AsyncHttpBackend, aclose
+    from dispatcher.servers import attach_from_env
+
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await aclose(attach_from_env(backend_factory=AsyncHttpBackend))
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    balancer = attach_from_env(backend_factory=AsyncHttpBackend)
+    path = scope["path"]
+    if path == "/name":
+        body = balancer.name.encode()
+    else:
+        answer = await balancer.ainvoke(_backend_request(path), timeout=30)
+        body = f"{os.getpid()} ".encode() + answer.body
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class SlowFail:
+    """Fails every call after a short wait, so deadlines can run out between attempts."""
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+
+    def invoke(self, request: Any, *, timeout: float | None = None) -> str:
+        time.sleep(0.05)
+        raise TimeoutError(f"{self.addr} is slow and failing")
