@@ -382,7 +382,7 @@ class Balancer:
         self, request: Any, *, timeout: float | None = None, key: object = None
     ) -> Any:
         """`invoke` for an event loop: the backends must be async (see `dispatcher.aio`)."""
-        from .aio import ainvoke
+        from .aio import ainvoke  # noqa: PLC0415  (aio imports this module)
 
         return await ainvoke(self, request, timeout=timeout, key=key)
 
