@@ -2,6 +2,14 @@
 
 from .backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from .balancer import Balancer
+from .discovery import (
+    Discovery,
+    DnsResolver,
+    EtcdResolver,
+    Resolver,
+    StaticResolver,
+    reconcile,
+)
 from .errors import (
     BackendError,
     CapacityExceeded,
@@ -35,8 +43,11 @@ __all__ = [
     "Balancer",
     "CapacityExceeded",
     "ConsistentHash",
+    "Discovery",
     "DispatcherError",
+    "DnsResolver",
     "DuplicateBackend",
+    "EtcdResolver",
     "HttpBackend",
     "HttpRequest",
     "HttpResponse",
@@ -46,8 +57,10 @@ __all__ = [
     "PeakEwma",
     "PowerOfTwo",
     "Random",
+    "Resolver",
     "RoundRobin",
     "SegmentError",
+    "StaticResolver",
     "Strategy",
     "UnknownBackend",
     "View",
@@ -55,4 +68,5 @@ __all__ = [
     "WeightedRoundRobin",
     "WorkerDied",
     "WorkerPool",
+    "reconcile",
 ]
