@@ -1,0 +1,201 @@
+"""`ainvoke` from an event loop: outcomes, cancellation, and a contended lock that the loop
+never waits on. Shares and counts are checked, never timings."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from collections.abc import Iterator
+from time import monotonic_ns
+from typing import Any
+
+import pytest
+
+from dispatcher import BackendError, Balancer, HttpRequest
+from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose, ainvoke
+
+pytest.importorskip("httpx")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = 503 if self.path == "/fail" else 200
+        body = str(self.server.server_address[1]).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_addrs() -> Iterator[list[str]]:
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [f"127.0.0.1:{s.server_address[1]}" for s in servers]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class Gate:
+    """An async backend that answers when its request (an asyncio.Event) is set."""
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+
+    async def ainvoke(self, request: Any, *, timeout: float | None = None) -> str:
+        if request == "fail":
+            raise ConnectionError(f"{self.addr} is down")
+        if isinstance(request, asyncio.Event):
+            await request.wait()
+        return self.addr
+
+
+def totals(balancer: Balancer) -> tuple[int, int, int]:
+    """(requests, failures, in flight) over every backend."""
+    stats = balancer.snapshot()
+    return (
+        sum(s.requests for s in stats),
+        sum(s.failures for s in stats),
+        sum(s.in_flight for s in stats),
+    )
+
+
+def test_http_calls_are_spread_and_counted(http_addrs: list[str]) -> None:
+    with Balancer(http_addrs, backend_factory=AsyncHttpBackend) as balancer:
+
+        async def main() -> list[bytes]:
+            try:
+                answers = await asyncio.gather(
+                    *(balancer.ainvoke(HttpRequest("GET", "/"), timeout=10) for _ in range(20))
+                )
+            finally:
+                await aclose(balancer)
+            return [a.body for a in answers]
+
+        bodies = asyncio.run(main())
+        assert sorted(set(bodies)) == sorted(a.rpartition(":")[2].encode() for a in http_addrs)
+        assert totals(balancer) == (20, 0, 0)
+        assert isinstance(AsyncHttpBackend(http_addrs[0]), AsyncBackend)
+
+
+def test_a_5xx_is_a_failure_and_ends_the_call(http_addrs: list[str]) -> None:
+    with Balancer(http_addrs[:1], backend_factory=AsyncHttpBackend) as balancer:
+
+        async def main() -> None:
+            try:
+                with pytest.raises(BackendError) as failed:
+                    await ainvoke(balancer, HttpRequest("GET", "/fail"))
+                assert failed.value.status == 503
+            finally:
+                await aclose(balancer)
+
+        asyncio.run(main())
+        assert totals(balancer) == (1, 1, 0)
+
+
+def test_cancelled_calls_end_without_counting_as_failures() -> None:
+    with Balancer(["10.0.0.1:80", "10.0.0.2:80"], backend_factory=Gate) as balancer:
+
+        async def main() -> None:
+            never = asyncio.Event()
+            task = asyncio.create_task(balancer.ainvoke(never))
+            while totals(balancer)[2] == 0:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(balancer.ainvoke(never), 0.01)
+            with pytest.raises(ConnectionError):
+                await balancer.ainvoke("fail")
+            assert await balancer.ainvoke(None, key="user-1") in {"10.0.0.1:80", "10.0.0.2:80"}
+
+        asyncio.run(main())
+        assert totals(balancer) == (2, 1, 0)
+
+
+def test_a_sync_backend_is_refused_and_leaves_nothing_in_flight() -> None:
+    class Sync:
+        def __init__(self, addr: str) -> None:
+            self.addr = addr
+
+        def invoke(self, request: Any, *, timeout: float | None = None) -> str:
+            return self.addr
+
+    with Balancer(["10.0.0.1:80"], backend_factory=Sync) as balancer:
+        with pytest.raises(TypeError, match="async backend_factory"):
+            asyncio.run(ainvoke(balancer, None))
+        assert totals(balancer) == (0, 0, 0)
+
+
+def _hold(balancer: Balancer, taken: threading.Event, release: threading.Event) -> None:
+    """Hold the shared lock, as a busy or stalled neighbour process would, until released."""
+    state = balancer._state
+    state._lock(monotonic_ns())
+    taken.set()
+    release.wait(10)
+    state._unlock()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_a_contended_lock_never_stalls_the_loop(shared: bool) -> None:
+    with Balancer(["10.0.0.1:80"], backend_factory=Gate, shared=shared) as balancer:
+        taken, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=_hold, args=(balancer, taken, release))
+        holder.start()
+        assert taken.wait(10)
+
+        async def main() -> tuple[str, bool, bool]:
+            task = asyncio.create_task(balancer.ainvoke(None))
+            ticks = 0
+            while ticks < 20:
+                await asyncio.sleep(0.005)
+                ticks += 1
+            # The loop ran while the pick waited: the holder still holds, the call is pending.
+            still_held, pending = not release.is_set(), not task.done()
+            release.set()
+            return await asyncio.wait_for(task, 10), still_held, pending
+
+        try:
+            answer, still_held, pending = asyncio.run(main())
+        finally:
+            release.set()
+            holder.join(10)
+        assert (answer, still_held, pending) == ("10.0.0.1:80", True, True)
+        assert totals(balancer) == (1, 0, 0)
+
+
+def test_a_call_cancelled_while_its_pick_waits_for_the_lock_leaves_nothing_in_flight() -> None:
+    with Balancer(["10.0.0.1:80"], backend_factory=Gate) as balancer:
+        taken, release = threading.Event(), threading.Event()
+        holder = threading.Thread(target=_hold, args=(balancer, taken, release))
+        holder.start()
+        assert taken.wait(10)
+
+        async def main() -> None:
+            task = asyncio.create_task(balancer.ainvoke(None))
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            # The pick commits once the lock is free (round-robin moves the shared cursor),
+            # and the abandoned call then ends at once.
+            for _ in range(1000):
+                await asyncio.sleep(0.01)
+                if balancer._state.cursor() == 1 and totals(balancer)[2] == 0:
+                    break
+
+        try:
+            asyncio.run(main())
+        finally:
+            release.set()
+            holder.join(10)
+        assert totals(balancer) == (0, 0, 0)
