@@ -583,6 +583,7 @@ class Discovery:
         self._applied: Answer | None = None
         self._failing = False
         self._updates = 0
+        self._weights_told: set[tuple[str, int, int]] = set()
 
     @property
     def desired(self) -> Answer | None:
@@ -635,6 +636,7 @@ class Discovery:
                 log.warning("stopping discovery: %s", exc)
                 return
             except Exception as exc:
+                log.warning("%r raised; restarting it", self.resolver, exc_info=True)
                 self._failed(exc)
             self._stop.wait(self.retry_seconds)
 
@@ -656,7 +658,7 @@ class Discovery:
         self._applied = None if changes.failed else dict(update)
         if changes.added or changes.drained:
             log.info("added %s, drained %s", list(changes.added), list(changes.drained))
-        for addr, current, wanted in changes.weight_kept:
+        for addr, current, wanted in set(changes.weight_kept) - self._weights_told:
             log.warning(
                 "%s: weight %d in the registry, %d in the balancer: a live backend's weight "
                 "cannot change in place",
@@ -664,6 +666,7 @@ class Discovery:
                 wanted,
                 current,
             )
+        self._weights_told = set(changes.weight_kept)
         if changes.failed:
             log.warning("no free slot for %s: will retry on the next answer", changes.failed)
 

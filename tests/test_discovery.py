@@ -281,6 +281,25 @@ def test_dns_resolver_error_keeps_the_last_list_and_says_so_once(
         assert warnings(caplog, "lists no instances")
 
 
+def test_a_live_weight_change_is_reported_once_and_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = [DnsRecord("10.0.0.1", 80, weight=2)]
+
+    def lookup(name: str, rdtype: str) -> list[DnsRecord]:
+        return records
+
+    resolver = DnsResolver("_web._tcp.internal", srv=True, resolver=lookup, interval=0.02)
+    with Balancer(backend_factory=Echo, shared=False) as balancer, Discovery(balancer, resolver):
+        wait_until(lambda: members(balancer) == {"10.0.0.1:80": 2}, "the first answer")
+        records = [DnsRecord("10.0.0.1", 80, weight=7), DnsRecord("10.0.0.2", 80)]
+        wait_until(lambda: "10.0.0.2:80" in members(balancer), "the second answer")
+        records = [DnsRecord("10.0.0.1", 80, weight=7)]
+        wait_until(lambda: "10.0.0.2:80" not in members(balancer), "the third answer")
+        assert members(balancer) == {"10.0.0.1:80": 2}
+    assert len(warnings(caplog, "10.0.0.1:80: weight 7 in the registry, 2 in the balancer")) == 1
+
+
 def test_discovery_runs_in_a_forked_monitor_process() -> None:
     with Balancer(backend_factory=Echo) as balancer:
         stop = fork.Event()
