@@ -1,0 +1,8 @@
+"""``python -m dispatcher``: the demo, or ``top`` to watch a running server."""
+
+from __future__ import annotations
+
+from dispatcher.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The command line: ``python -m dispatcher`` runs the demo, ``... top`` watches a server.
+
+``top`` attaches read-only: it calls `Balancer.snapshot` and reads the worker rows, and never
+picks, so it claims no worker row and changes no count of the server it watches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from rich.console import Console
+
+from . import demo
+from .balancer import Balancer
+from .dashboard import Sampler, Screen, open_target, render
+from .errors import SegmentError
+from .strategies import STRATEGIES
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PLAIN_WIDTH = 120
+"""Columns for output to a pipe or a file, where rich would assume 80 and wrap the tables."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher",
+        description=(
+            "Run the demo: local HTTP backends, a worker pool sending them load through one "
+            "shared balancer, and a scripted slowdown, crash and restart, on a live dashboard."
+        ),
+        epilog="Watch a running server instead: python -m dispatcher top NAME_OR_PID",
+    )
+    parser.add_argument("--backends", type=_count, default=4, help="backends (default 4)")
+    parser.add_argument("--workers", type=_count, default=4, help="worker processes (default 4)")
+    parser.add_argument(
+        "--strategy",
+        choices=sorted(STRATEGIES),
+        default=demo.DEFAULT_STRATEGY,
+        metavar="NAME",
+        help=f"how to pick a backend: {', '.join(sorted(STRATEGIES))} "
+        f"(default {demo.DEFAULT_STRATEGY})",
+    )
+    parser.add_argument(
+        "--rate", type=_positive, default=100.0, help="requests per second (default 100)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive,
+        metavar="SECONDS",
+        help="stop after this long (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--slow-start",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a backend back in rotation takes to get its full share (default 10)",
+    )
+    parser.add_argument("--svg", metavar="PATH", help="save the last frame as an SVG picture")
+    commands = parser.add_subparsers(dest="command", metavar="{top}")
+    top = commands.add_parser(
+        "top",
+        help="watch the balancer of a running server",
+        description=(
+            "Attach read-only to the balancer of a running server and show its live state."
+        ),
+    )
+    top.add_argument(
+        "target",
+        metavar="NAME_OR_PID",
+        help="the balancer's segment name (Balancer.name), or the pid of the process owning it",
+    )
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument(
+        "--interval", type=_positive, default=0.25, help="seconds between frames (default 0.25)"
+    )
+    return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be in 1-64, not {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=PLAIN_WIDTH)
+    with stop_on_signals() as stop:
+        if args.command == "top":
+            return top(args.target, console, stop, once=args.once, interval=args.interval)
+        options = demo.Options(
+            backends=args.backends,
+            workers=args.workers,
+            strategy=args.strategy,
+            rate=args.rate,
+            duration=args.duration,
+            slow_start=args.slow_start,
+            svg=args.svg,
+        )
+        return demo.run(options, console, stop)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGINT, SIGTERM and SIGHUP set, so loops end and clean up uninterrupted.
+
+    SIGHUP comes when the terminal goes away (a closed window, tmux kill-session): its
+    default action would leave the backends, the workers and the segment behind.
+    """
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def top(
+    target: str,
+    console: Console,
+    stop: threading.Event,
+    *,
+    once: bool = False,
+    interval: float = 0.25,
+) -> int:
+    """Show the live state of the balancer named `target` (or owned by pid `target`)."""
+    try:
+        reader = open_target(target)
+    except SegmentError as exc:
+        console.print(f"dispatcher top: {exc}", highlight=False)
+        return 1
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(reader)
+        try:
+            # Any strategy will do: top never picks. The owner's name is shown as it is.
+            balancer = Balancer.attach(reader.name, strategy=next(iter(STRATEGIES)))
+        except SegmentError as exc:
+            console.print(f"dispatcher top: {exc}", highlight=False)
+            return 1
+        stack.enter_context(balancer)
+        sampler = Sampler(
+            balancer.snapshot,
+            reader.worker_pids,
+            title="dispatcher top",
+            source=f"{reader.name} (owner pid {reader.owner_pid})",
+            strategy=reader.strategy,
+        )
+        if once:
+            sampler.sample()
+            time.sleep(min(interval * 2, 1.0))
+            console.print(render(sampler.sample()))
+            return 0
+        with Screen(console) as screen:
+            while not stop.is_set() and not reader.closed:
+                screen.show(sampler.sample())
+                stop.wait(interval)
+        if reader.closed:
+            console.print(f"dispatcher top: {reader.name} was closed by its owner")
+    return 0

@@ -1,0 +1,446 @@
+"""The demo of ``python -m dispatcher``: real backends, a worker pool, a script of incidents.
+
+Everything runs on this machine and stops with the demo. Backends are `ThreadingHTTPServer`s
+in their own processes on ephemeral loopback ports, each with a latency and an error rate;
+the parent changes a backend's latency through a shared `multiprocessing.Value`, kills it with
+SIGKILL (a crash, not a goodbye) and starts it again on the same port. A `WorkerPool` sends a
+steady rate of requests through one shared `Balancer` whose ejection and slow-start settings
+are short, so each incident plays out within a minute:
+
+* a backend turns slow: load- and latency-aware strategies send it less, round-robin does not;
+* a backend is killed: after `failure_threshold` failures in a row it is ejected, re-admitted
+  and ejected again while it stays dead;
+* it restarts: once its ejection ends, slow start gives it a growing share of the traffic.
+
+Children are started with the spawn method: the parent runs threads (the pool's, the
+dashboard's) by the time it restarts a backend, and a fork of a threaded process is unsafe.
+Ctrl-C (SIGINT) reaches every process of the terminal's group; the children ignore it and the
+parent stops them all, so no process and no shared segment outlives the demo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.sharedctypes
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from rich.console import Console
+
+from .backends import HttpBackend, HttpRequest
+from .balancer import Balancer
+from .dashboard import Frame, Sampler, Screen, render, summary
+from .errors import NoBackendAvailable
+from .pool import WorkerPool
+
+DEFAULT_STRATEGY = "least_loaded"
+REQUEST = HttpRequest("GET", "/work")
+CALL_TIMEOUT = 2.0
+FRAME_SECONDS = 0.25
+SLOW_FACTOR = 15.0
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How a demo backend answers: a typical latency and a share of 500 errors."""
+
+    kind: str
+    latency: float
+    """Median answer time in seconds."""
+    error_rate: float
+
+
+PROFILES = (
+    Profile("fast", 0.004, 0.002),
+    Profile("steady", 0.008, 0.005),
+    Profile("slower", 0.020, 0.01),
+    Profile("fast", 0.005, 0.002),
+    Profile("flaky", 0.010, 0.05),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    backends: int = 4
+    workers: int = 4
+    strategy: str = DEFAULT_STRATEGY
+    rate: float = 100.0
+    """Requests per second sent into the pool."""
+    duration: float | None = None
+    """Seconds to run; None runs until Ctrl-C."""
+    slow_start: float = 10.0
+    svg: str | None = None
+    """Where to save the last frame as an SVG picture, if anywhere."""
+
+
+# The backends ------------------------------------------------------------------------------
+
+
+def _serve(
+    port: int,
+    profile: Profile,
+    multiplier: Any,
+    ready: multiprocessing.connection.Connection,
+) -> None:
+    """Body of a backend process: answer ``GET`` after a lognormal delay, sometimes with 500."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            # Headers and body go out in two writes: without this, Nagle's algorithm and the
+            # client's delayed ACK hold the body back ~40 ms.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def do_GET(self) -> None:
+            time.sleep(profile.latency * multiplier.value * random.lognormvariate(0.0, 0.35))
+            failed = random.random() < profile.error_rate
+            body = b"overloaded\n" if failed else b"ok\n"
+            self.send_response(500 if failed else 200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    except OSError as exc:
+        ready.send(f"cannot listen on port {port}: {exc.strerror}")
+        return
+    server.daemon_threads = True
+    ready.send(server.server_address[1])
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    server.serve_forever(poll_interval=0.2)
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()
+    os._exit(0)
+
+
+class DemoBackend:
+    """One backend process: started, slowed down, killed and started again on its port."""
+
+    def __init__(self, name: str, profile: Profile) -> None:
+        self.name = name
+        self.profile = profile
+        self.port = 0
+        self.multiplier = _spawn.Value("d", 1.0, lock=False)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._ready: multiprocessing.connection.Connection | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.profile.kind}"
+
+    def start(self) -> None:
+        """Start the process; `wait_ready` finishes the start."""
+        receive, send = _spawn.Pipe(duplex=False)
+        self._process = _spawn.Process(
+            target=_serve,
+            args=(self.port, self.profile, self.multiplier, send),
+            name=f"dispatcher-demo-{self.name}",
+            daemon=True,
+        )
+        self._process.start()
+        send.close()
+        self._ready = receive
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the backend listens; learn its port the first time."""
+        ready, process = self._ready, self._process
+        if ready is None or process is None:
+            raise RuntimeError(f"{self.name} was not started")
+        try:
+            if not ready.poll(timeout):
+                raise RuntimeError(f"{self.name} did not start within {timeout} s")
+            answer = ready.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.name} exited while starting") from None
+        finally:
+            ready.close()
+            self._ready = None
+        if isinstance(answer, str):
+            raise RuntimeError(f"{self.name}: {answer}")
+        self.port = int(answer)
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None and process.is_alive() else None
+
+    def kill(self) -> None:
+        """SIGKILL: the backend vanishes mid-request, as in a crash."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(5)
+            self._process = None
+
+    def stop(self) -> None:
+        if self._ready is not None:
+            self._ready.close()
+            self._ready = None
+        if self._process is not None:
+            self._process.terminate()
+            self._process.join(5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+            self._process = None
+
+
+def start_backends(count: int) -> list[DemoBackend]:
+    """Start `count` backends at once (in parallel: spawning is the slow part)."""
+    backends = [
+        DemoBackend(f"b{i + 1}", profile)
+        for i, profile in zip(range(count), itertools.cycle(PROFILES), strict=False)
+    ]
+    try:
+        for backend in backends:
+            backend.start()
+        for backend in backends:
+            backend.wait_ready()
+    except BaseException:
+        for backend in backends:
+            backend.stop()
+        raise
+    return backends
+
+
+# The timeline ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    at: float
+    """Seconds into the cycle."""
+    text: str
+    action: Callable[[], str | None] | None = None
+    """Does the step; may return a line for the event log."""
+
+
+def timeline(backends: list[DemoBackend]) -> tuple[list[Step], float]:
+    """The incidents of one cycle, and the cycle's length in seconds."""
+    steps = [Step(0, "steady load; new backends warm up (slow start)")]
+    if len(backends) < 2:
+        return steps, 30.0
+    slow = backends[1]
+    dead = backends[2] if len(backends) > 2 else backends[0]
+
+    def set_speed(factor: float) -> Callable[[], None]:
+        def action() -> None:
+            slow.multiplier.value = factor
+
+        return action
+
+    def restart() -> str | None:
+        dead.start()
+        try:
+            dead.wait_ready()
+        except RuntimeError as exc:
+            return f"{dead.name} could not restart: {exc}"
+        return f"{dead.name} listens again on port {dead.port} (pid {dead.pid})"
+
+    steps += [
+        Step(8, f"{slow.name} turns slow (x{SLOW_FACTOR:.0f} latency)", set_speed(SLOW_FACTOR)),
+        Step(18, f"{slow.name} is fast again", set_speed(1.0)),
+        Step(22, f"{dead.name} is killed (SIGKILL)", dead.kill),
+        Step(32, f"{dead.name} restarts on the same port", restart),
+    ]
+    return steps, 46.0
+
+
+class Timeline:
+    """Runs the steps of the cycle as their time comes, again and again."""
+
+    def __init__(self, steps: list[Step], period: float) -> None:
+        self._steps, self._period = steps, period
+        self._cycle, self._next = 0, 0
+        self.current = ""
+
+    def advance(self, elapsed: float) -> Iterator[str]:
+        """Run every step due by `elapsed` seconds; yield the lines for the event log."""
+        while True:
+            step = self._steps[self._next]
+            if elapsed < self._cycle * self._period + step.at:
+                return
+            self.current = step.text
+            yield step.text
+            line = step.action() if step.action is not None else None
+            if line:
+                yield line
+            self._next += 1
+            if self._next == len(self._steps):
+                self._next, self._cycle = 0, self._cycle + 1
+
+
+# The load ----------------------------------------------------------------------------------
+
+
+class Load:
+    """Sends requests into the pool at a steady rate and counts how they end."""
+
+    def __init__(self, pool: WorkerPool, rate: float) -> None:
+        self._pool = pool
+        self._interval = 1.0 / rate
+        self._limit = pool.processes * 4
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+        self.sent = self.ok = self.failed = self.no_backend = self.shed = self.outstanding = 0
+
+    def send_due(self, now: float) -> None:
+        if now - self._next > 1.0:
+            self._next = now
+        while self._next <= now:
+            self._next += self._interval
+            if self.outstanding >= self._limit:
+                self.shed += 1
+                continue
+            with self._lock:
+                self.sent += 1
+                self.outstanding += 1
+            self._pool.submit(REQUEST, timeout=CALL_TIMEOUT).add_done_callback(self._done)
+
+    def next_due(self) -> float:
+        return self._next
+
+    def _done(self, future: Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        with self._lock:
+            self.outstanding -= 1
+            if future.cancelled():
+                return
+            if error is None:
+                self.ok += 1
+            elif isinstance(error, NoBackendAvailable):
+                self.no_backend += 1
+            else:
+                self.failed += 1
+
+    def totals(self) -> str:
+        return (
+            f"sent {self.sent}  ok {self.ok}  failed {self.failed}  "
+            f"no backend {self.no_backend}  shed (pool busy) {self.shed}"
+        )
+
+
+# The demo ----------------------------------------------------------------------------------
+
+
+def make_balancer(addrs: list[str], options: Options) -> Balancer:
+    """The shared balancer, tuned so that ejections and slow starts take seconds."""
+    return Balancer(
+        addrs,
+        backend_factory=HttpBackend,
+        strategy=options.strategy,
+        failure_threshold=3,
+        ejection_seconds=4.0,
+        max_ejection_seconds=12.0,
+        slow_start_seconds=options.slow_start,
+    )
+
+
+def run(
+    options: Options, console: Console | None = None, stop: threading.Event | None = None
+) -> int:
+    """Run the demo until `options.duration` ends or `stop` is set; return the exit status."""
+    console = console or Console()
+    stop = stop or threading.Event()
+    with contextlib.ExitStack() as stack:
+        console.print(
+            f"starting {options.backends} backends and {options.workers} workers "
+            f"(strategy {options.strategy}) ...",
+            highlight=False,
+        )
+        backends = start_backends(options.backends)
+        for backend in backends:
+            stack.callback(backend.stop)
+        balancer = stack.enter_context(make_balancer([b.addr for b in backends], options))
+        pool = WorkerPool(balancer, options.workers, mp_context=_spawn)
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        console.print(
+            f"balancer segment {balancer.name}; watch it from another terminal with "
+            f"`python -m dispatcher top {os.getpid()}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sampler = Sampler(
+            balancer.snapshot,
+            pool.pids,
+            title="dispatcher demo",
+            source=balancer.name,
+            strategy=options.strategy,
+            labels={b.addr: b.label for b in backends},
+        )
+        steps, period = timeline(backends)
+        script = Timeline(steps, period)
+        load = Load(pool, options.rate)
+        frame = _loop(options, stop, sampler, script, load, stack.enter_context(Screen(console)))
+        pool.shutdown(wait=True, cancel_futures=True)
+        frame = sampler.sample(event=script.current, totals=load.totals())
+        stack.close()
+        console.print(summary(frame))
+        console.print(frame.totals, highlight=False)
+        if options.svg:
+            save_svg(frame, options.svg)
+    return 0
+
+
+def _loop(
+    options: Options,
+    stop: threading.Event,
+    sampler: Sampler,
+    script: Timeline,
+    load: Load,
+    screen: Screen,
+) -> Frame:
+    start = time.monotonic()
+    next_frame = start
+    frame = sampler.sample()
+    while not stop.is_set():
+        now = time.monotonic()
+        elapsed = now - start
+        if options.duration is not None and elapsed >= options.duration:
+            break
+        for line in script.advance(elapsed):
+            sampler.note(line)
+        load.send_due(now)
+        if now >= next_frame:
+            frame = sampler.sample(event=script.current, totals=load.totals())
+            screen.show(frame)
+            next_frame = max(next_frame + FRAME_SECONDS, now)
+        stop.wait(max(0.0, min(load.next_due(), next_frame) - time.monotonic()))
+    return frame
+
+
+def save_svg(frame: Frame, path: str, width: int = 118) -> None:
+    """Save a picture of the dashboard for `frame`, as shown on a terminal."""
+    console = Console(record=True, width=width, file=open(os.devnull, "w"))  # noqa: SIM115
+    with console.file:
+        console.print(render(frame))
+        console.save_svg(path, title="python -m dispatcher")
