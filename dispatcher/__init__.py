@@ -21,6 +21,7 @@ from .errors import (
     UnknownBackend,
 )
 from .pool import WorkerDied, WorkerPool
+from .servers import attach_from_env, shared_balancer
 from .state import BackendStats, View
 from .strategies import (
     STRATEGIES,
@@ -68,5 +69,7 @@ __all__ = [
     "WeightedRoundRobin",
     "WorkerDied",
     "WorkerPool",
+    "attach_from_env",
     "reconcile",
+    "shared_balancer",
 ]

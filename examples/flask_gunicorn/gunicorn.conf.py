@@ -1,0 +1,34 @@
+"""gunicorn -c examples/flask_gunicorn/gunicorn.conf.py
+
+The master owns the balancer; the four workers share it. The stand-in downstream is started
+here too, so the command works with nothing else running (set $DOWNSTREAM to use real ones).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import downstream
+
+from dispatcher import gunicorn as dg
+from dispatcher.gunicorn import child_exit, post_fork  # noqa: F401
+
+dg.configure(downstream.addresses(), strategy="least_loaded")
+
+chdir = os.path.dirname(os.path.abspath(__file__))
+wsgi_app = "app:app"
+bind = "127.0.0.1:8000"
+workers = 4
+
+
+def on_starting(server):
+    server.downstream = downstream.start()
+    dg.on_starting(server)
+
+
+def on_exit(server):
+    dg.on_exit(server)
+    if server.downstream is not None:
+        server.downstream.terminate()
+        server.downstream.wait(10)
