@@ -36,8 +36,8 @@ from .errors import SegmentError
 from .latency import percentile_ns
 from .state import BackendStats
 
-HEALTHY, WARMING, EJECTED, DOWN = "healthy", "warming", "ejected", "down"
-_STYLES = {HEALTHY: "green", WARMING: "yellow", EJECTED: "bold red", DOWN: "red"}
+HEALTHY, WARMING, EJECTED, DOWN, DRAINING = "healthy", "warming", "ejected", "down", "draining"
+_STYLES = {HEALTHY: "green", WARMING: "yellow", EJECTED: "bold red", DOWN: "red", DRAINING: "blue"}
 LOG_LINES = 8
 
 
@@ -74,7 +74,9 @@ class Frame:
 
 
 def backend_state(stats: BackendStats) -> str:
-    """healthy, warming (slow start: less than its full weight), ejected or down."""
+    """draining, down, ejected, warming (slow start: less than its full weight) or healthy."""
+    if stats.draining:
+        return DRAINING
     if stats.down:
         return DOWN
     if stats.ejected:

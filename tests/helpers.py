@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -199,3 +200,13 @@ class SlowFail:
     def invoke(self, request: Any, *, timeout: float | None = None) -> str:
         time.sleep(0.05)
         raise TimeoutError(f"{self.addr} is slow and failing")
+
+
+def own_balancer(addrs: list[str], calls: int) -> None:
+    """A server stand-in for `top`: own a balancer, make `calls` calls, print the balancer's
+    name, and keep it open until stdin closes."""
+    with Balancer(addrs, backend_factory=Echo) as balancer:
+        for _ in range(calls):
+            balancer.invoke(None)
+        print(balancer.name, flush=True)
+        sys.stdin.read()
