@@ -460,3 +460,4 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     assert [w.exitcode for w in workers] == [0, 0]
     assert len(warnings(caplog, "keeping the last good list (2 instances)")) == 1, caplog.text
     assert "answers again" in caplog.text
+    assert not warnings(caplog, "did not stop")
