@@ -6,8 +6,10 @@ Three parts, so the picture can be tested without processes or a terminal:
   snapshot cannot tell (requests per second, state changes for the event log) and each
   worker's CPU and memory from `psutil`.
 * `render(frame)` is a pure function from a `Frame` to a `rich` renderable.
-* `Screen` shows frames: a `rich.live.Live` view on a terminal, a plain line every few
-  seconds otherwise (CI, a pipe), where a redrawn screen would only be noise.
+* `Screen` shows frames: a full-screen `rich.live.Live` view on a terminal, a plain line every
+  few seconds otherwise (CI, a pipe), where a redrawn screen would only be noise. Full screen,
+  because other processes write to the same terminal (the balancer's monitor logs to stderr):
+  a view redrawn in place would be pushed down by each of their lines.
 
 `top` watches a server that may be any process: `find_by_owner` finds a balancer's segment from
 its owner's pid, and `SegmentReader` reads the worker rows of the header without taking the
@@ -38,7 +40,7 @@ from .state import BackendStats
 
 HEALTHY, WARMING, EJECTED, DOWN, DRAINING = "healthy", "warming", "ejected", "down", "draining"
 _STYLES = {HEALTHY: "green", WARMING: "yellow", EJECTED: "bold red", DOWN: "red", DRAINING: "blue"}
-LOG_LINES = 8
+LOG_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ class Screen:
 
     def __enter__(self) -> Screen:
         if self.console.is_terminal:
-            self._live = Live(console=self.console, auto_refresh=False, redirect_stderr=False)
+            self._live = Live(console=self.console, auto_refresh=False, screen=True)
             self._live.start()
         return self
 

@@ -43,10 +43,12 @@ from .backends import HttpBackend, HttpRequest
 from .balancer import Balancer
 from .dashboard import Frame, Sampler, Screen, render, summary
 from .errors import NoBackendAvailable
+from .health import HealthCheck
 from .pool import WorkerPool
 
 DEFAULT_STRATEGY = "least_loaded"
 REQUEST = HttpRequest("GET", "/work")
+HEALTH_PATH = "/health"
 CALL_TIMEOUT = 2.0
 FRAME_SECONDS = 0.25
 SLOW_FACTOR = 15.0
@@ -109,10 +111,17 @@ def _serve(
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def do_GET(self) -> None:
+            if self.path == HEALTH_PATH:
+                self._answer(200, b"ok\n")
+                return
             time.sleep(profile.latency * multiplier.value * random.lognormvariate(0.0, 0.35))
-            failed = random.random() < profile.error_rate
-            body = b"overloaded\n" if failed else b"ok\n"
-            self.send_response(500 if failed else 200)
+            if random.random() < profile.error_rate:
+                self._answer(500, b"overloaded\n")
+            else:
+                self._answer(200, b"ok\n")
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -246,7 +255,7 @@ class Step:
 
 def timeline(backends: list[DemoBackend]) -> tuple[list[Step], float]:
     """The incidents of one cycle, and the cycle's length in seconds."""
-    steps = [Step(0, "steady load; new backends warm up (slow start)")]
+    steps = [Step(0, "steady load on every backend")]
     if len(backends) < 2:
         return steps, 30.0
     slow = backends[1]
@@ -353,7 +362,8 @@ class Load:
 
 
 def make_balancer(addrs: list[str], options: Options) -> Balancer:
-    """The shared balancer, tuned so that ejections and slow starts take seconds."""
+    """The shared balancer, tuned so that ejections, health verdicts and slow starts take
+    seconds. Health probes run in the balancer's monitor process, never in the workers."""
     return Balancer(
         addrs,
         backend_factory=HttpBackend,
@@ -362,6 +372,7 @@ def make_balancer(addrs: list[str], options: Options) -> Balancer:
         ejection_seconds=4.0,
         max_ejection_seconds=12.0,
         slow_start_seconds=options.slow_start,
+        health_check=HealthCheck(HEALTH_PATH, interval=1.0, rise=2, fall=2, timeout=0.5),
     )
 
 
