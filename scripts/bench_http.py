@@ -479,14 +479,22 @@ def plot(tables: list[Table], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(tables), 2, figsize=(12, 4.4 * len(tables)), squeeze=False)
+    balances = dict.fromkeys(n.partition(" ")[2] for t in tables for n in t.latencies)
+    colors = {b: f"C{i}" for i, b in enumerate(balances)}
     for (cdf, tail), table in zip(axes, tables, strict=True):
         for name, data in table.latencies.items():
             n = len(data)
             xs = [x / 1e6 for x in data]
             ys = [(k + 1) / n for k in range(n)]
-            style = "-" if name.startswith("shared") else ":" if name.startswith("un") else "--"
-            cdf.plot(xs, ys, style, label=name, linewidth=1.3)
-            tail.plot(xs, [1 - y + 1 / n for y in ys], style, label=name, linewidth=1.3)
+            mode, _, balance = name.partition(" ")
+            look = {
+                "color": colors[balance],
+                "linestyle": {"shared": "-", "unshared": ":"}.get(mode, "--"),
+                "linewidth": 1.6 if mode == "shared" else 1.2,
+                "label": name,
+            }
+            cdf.plot(xs, ys, **look)
+            tail.plot(xs, [1 - y + 1 / n for y in ys], **look)
         for ax in (cdf, tail):
             ax.set_xscale("log")
             ax.set_xlabel("latency (ms, log scale)")
