@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a backend back in rotation takes to get its full share (default 10)",
     )
-    parser.add_argument("--svg", metavar="PATH", help="save the last frame as an SVG picture")
+    parser.add_argument("--svg", metavar="PATH", help="save the last live frame as an SVG picture")
     commands = parser.add_subparsers(dest="command", metavar="{top}")
     top = commands.add_parser(
         "top",

@@ -8,9 +8,9 @@ steady rate of requests through one shared `Balancer` whose ejection and slow-st
 are short, so each incident plays out within a minute:
 
 * a backend turns slow: load- and latency-aware strategies send it less, round-robin does not;
-* a backend is killed: after `failure_threshold` failures in a row it is ejected, re-admitted
-  and ejected again while it stays dead;
-* it restarts: once its ejection ends, slow start gives it a growing share of the traffic.
+* a backend is killed: after `failure_threshold` failures in a row it is ejected, and the
+  active health checks (run by the balancer's monitor process) mark it down;
+* it restarts: the health checks bring it back, and slow start gives it a growing share.
 
 Children are started with the spawn method: the parent runs threads (the pool's, the
 dashboard's) by the time it restarts a backend, and a fork of a threaded process is unsafe.
@@ -49,6 +49,8 @@ from .pool import WorkerPool
 DEFAULT_STRATEGY = "least_loaded"
 REQUEST = HttpRequest("GET", "/work")
 HEALTH_PATH = "/health"
+USERS = 100
+"""Requests carry one of this many user keys, which `consistent_hash` keeps on one backend."""
 CALL_TIMEOUT = 2.0
 FRAME_SECONDS = 0.25
 SLOW_FACTOR = 15.0
@@ -333,7 +335,8 @@ class Load:
             with self._lock:
                 self.sent += 1
                 self.outstanding += 1
-            self._pool.submit(REQUEST, timeout=CALL_TIMEOUT).add_done_callback(self._done)
+            key = f"user-{self.sent % USERS}"
+            self._pool.submit(REQUEST, timeout=CALL_TIMEOUT, key=key).add_done_callback(self._done)
 
     def next_due(self) -> float:
         return self._next
@@ -411,14 +414,14 @@ def run(
         steps, period = timeline(backends)
         script = Timeline(steps, period)
         load = Load(pool, options.rate)
-        frame = _loop(options, stop, sampler, script, load, stack.enter_context(Screen(console)))
+        last = _loop(options, stop, sampler, script, load, stack.enter_context(Screen(console)))
         pool.shutdown(wait=True, cancel_futures=True)
         frame = sampler.sample(event=script.current, totals=load.totals())
         stack.close()
         console.print(summary(frame))
         console.print(frame.totals, highlight=False)
         if options.svg:
-            save_svg(frame, options.svg)
+            save_svg(last, options.svg)
     return 0
 
 

@@ -138,6 +138,8 @@ class WorkerPool:
         """Have a worker call ``balancer.invoke(request, timeout=timeout, key=key)``.
 
         The future holds the backend's answer or exception; `WorkerDied` if the worker died.
+        It can be cancelled until a worker takes the call; its `running()` stays False, as
+        the parent does not learn when a worker starts.
         """
         future = _PoolFuture()
         self._send(future, (request, timeout, key), self._retries)
