@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+import psutil
 from rich.console import Console
 
 from . import demo
@@ -173,9 +174,14 @@ def top(
             console.print(render(sampler.sample()))
             return 0
         with Screen(console) as screen:
-            while not stop.is_set() and not reader.closed:
+            while not stop.is_set() and not reader.closed and psutil.pid_exists(reader.owner_pid):
                 screen.show(sampler.sample())
                 stop.wait(interval)
         if reader.closed:
             console.print(f"dispatcher top: {reader.name} was closed by its owner")
+        elif not stop.is_set():
+            console.print(
+                f"dispatcher top: the owner of {reader.name} (pid {reader.owner_pid}) exited "
+                "without closing it"
+            )
     return 0

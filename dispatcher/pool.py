@@ -148,6 +148,8 @@ class WorkerPool:
     def map(self, requests: Iterable[Any], *, timeout: float | None = None) -> Iterator[Any]:
         """Submit every request now; yield the answers in order (the first exception raises).
 
+        `timeout` is each call's, as in `submit`; wait on the iterator as long as you like.
+
         Calls not yet started are cancelled if the iterator is closed early.
         """
         futures = [self.submit(request, timeout=timeout) for request in requests]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 from collections.abc import Iterator
@@ -127,3 +128,10 @@ def test_rejects_unshared_balancer() -> None:
         WorkerPool("not a balancer", 1)  # type: ignore[arg-type]
     with Balancer(ADDRS, backend_factory=Echo) as balancer, pytest.raises(ValueError):
         WorkerPool(balancer, 0)
+
+
+def test_worker_died_pickles() -> None:
+    error = pickle.loads(pickle.dumps(WorkerDied("a worker died")))
+    assert isinstance(error, WorkerDied)
+    assert isinstance(error, BrokenProcessPool)
+    assert str(error) == "a worker died"
