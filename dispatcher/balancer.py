@@ -402,6 +402,12 @@ class Balancer:
             proxy = self._proxies.pop(canonical, None)
         _close_proxy(proxy)
 
+    def set_weight(self, addr: str, weight: int) -> None:
+        """Change a registered backend's weight; every process sees it on its next pick."""
+        canonical = parse_address(addr)
+        check_int("weight", weight, 1, MAX_WEIGHT)
+        self._live_state().set_weight(canonical.encode(), weight)
+
     def drain(self, addr: str) -> None:
         """Stop new calls to a backend; its slot is freed when its calls in flight end.
 

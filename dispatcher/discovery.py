@@ -506,13 +506,13 @@ class Changes:
     added: tuple[str, ...] = ()
     """Registered, or put back in rotation while still draining."""
     drained: tuple[str, ...] = ()
-    weight_kept: tuple[tuple[str, int, int], ...] = ()
-    """(addr, current, wanted): live backends whose weight the balancer cannot change in place."""
+    reweighted: tuple[str, ...] = ()
+    """Live backends whose weight changed."""
     failed: tuple[str, ...] = ()
     """Addresses that could not be registered (no free slot)."""
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.drained or self.weight_kept or self.failed)
+        return bool(self.added or self.drained or self.reweighted or self.failed)
 
 
 def reconcile(balancer: Balancer, desired: Mapping[str, int]) -> Changes:
@@ -525,13 +525,14 @@ def reconcile(balancer: Balancer, desired: Mapping[str, int]) -> Changes:
     current = {stats.addr: stats for stats in balancer.snapshot()}
     added: list[str] = []
     drained: list[str] = []
-    kept: list[tuple[str, int, int]] = []
+    reweighted: list[str] = []
     failed: list[str] = []
     for addr, weight in wanted.items():
         stats = current.get(addr)
         if stats is not None and not stats.draining:
             if stats.weight != weight:
-                kept.append((addr, stats.weight, weight))
+                balancer.set_weight(addr, weight)
+                reweighted.append(addr)
             continue
         try:
             balancer.register(addr, weight)
@@ -549,7 +550,7 @@ def reconcile(balancer: Balancer, desired: Mapping[str, int]) -> Changes:
         except UnknownBackend:
             continue
         drained.append(addr)
-    return Changes(tuple(added), tuple(drained), tuple(kept), tuple(failed))
+    return Changes(tuple(added), tuple(drained), tuple(reweighted), tuple(failed))
 
 
 def _check_weight(weight: object, addr: object) -> int:
@@ -583,7 +584,6 @@ class Discovery:
         self._applied: Answer | None = None
         self._failing = False
         self._updates = 0
-        self._weights_told: set[tuple[str, int, int]] = set()
 
     @property
     def desired(self) -> Answer | None:
@@ -656,17 +656,13 @@ class Discovery:
             log.warning("%r lists no instances: draining every backend", self.resolver)
         changes = reconcile(self.balancer, update)
         self._applied = None if changes.failed else dict(update)
-        if changes.added or changes.drained:
-            log.info("added %s, drained %s", list(changes.added), list(changes.drained))
-        for addr, current, wanted in set(changes.weight_kept) - self._weights_told:
-            log.warning(
-                "%s: weight %d in the registry, %d in the balancer: a live backend's weight "
-                "cannot change in place",
-                addr,
-                wanted,
-                current,
+        if changes.added or changes.drained or changes.reweighted:
+            log.info(
+                "added %s, drained %s, reweighted %s",
+                list(changes.added),
+                list(changes.drained),
+                list(changes.reweighted),
             )
-        self._weights_told = set(changes.weight_kept)
         if changes.failed:
             log.warning("no free slot for %s: will retry on the next answer", changes.failed)
 

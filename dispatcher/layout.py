@@ -8,7 +8,7 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
     +--------------------+-------------------------------------------------+
     | header (64 words)  | per-slot fields, one run of `capacity` words    |
     |  magic, layout,    |   STATE[c] GENERATION[c] WEIGHT[c] IN_FLIGHT[c] |
-    |  sizes, owner,     |   REQUESTS[c] FAILURES[c] ... REGISTERED_NS[c]  |
+    |  sizes, owner,     |   REQUESTS[c] FAILURES[c] ... ROTATION_NS[c]    |
     |  version, cursor,  +-------------------------------------------------+
     |  lock holder,      | latency histogram: c x BUCKETS words            |
     |  policy, retries,  +-------------------------------------------------+
@@ -73,7 +73,8 @@ TIMES_EJECTED = 9
 EWMA_NS = 10
 """Exponentially weighted latency average, a double."""
 EWMA_STAMP_NS = 11
-REGISTERED_NS = 12
+ROTATION_NS = 12
+"""When the slot last entered rotation: registered, or back up after health checks."""
 DOWN = 13
 """Nonzero while active health checks hold the slot out of rotation."""
 SLOT_FIELDS = 14

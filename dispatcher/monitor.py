@@ -54,6 +54,7 @@ def start(name: str, health: HealthCheck | None) -> subprocess.Popen[bytes]:
         [sys.executable, "-c", "from dispatcher.monitor import main; main()"],
         stdin=subprocess.PIPE,
         close_fds=True,
+        start_new_session=True,  # Ctrl-C in a terminal is the owner's to handle, not ours
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
     assert process.stdin is not None

@@ -161,7 +161,7 @@ class SharedState:
         self._times_ejected = layout.field(L.TIMES_EJECTED)
         self._ewma = layout.field(L.EWMA_NS)
         self._stamp = layout.field(L.EWMA_STAMP_NS)
-        self._registered = layout.field(L.REGISTERED_NS)
+        self._rotation = layout.field(L.ROTATION_NS)
         self._hist = layout.histogram
         self._zero_hist = bytes(L.BUCKETS * L.WORD)
         self.in_flight = self._slice(self._words, self._inflight)
@@ -414,7 +414,7 @@ class SharedState:
             return f[(field * c) : (field + 1) * c]
 
         state, weight, down = column(L.STATE), column(L.WEIGHT), column(L.DOWN)
-        until, registered = column(L.EJECTED_UNTIL_NS), column(L.REGISTERED_NS)
+        until, rotation_ns = column(L.EJECTED_UNTIL_NS), column(L.ROTATION_NS)
         policy = self.policy
         step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
         weights = [float(w) for w in weight]
@@ -437,7 +437,7 @@ class SharedState:
                 expires = min(expires, until[slot])
             elif not down[slot]:
                 eligible.append(slot)
-                age = now - max(registered[slot], until[slot])
+                age = now - max(rotation_ns[slot], until[slot])
                 if age < policy.slow_start_ns:
                     weights[slot] *= policy.warmth(age)
                     expires = min(expires, now + step)
@@ -484,7 +484,7 @@ class SharedState:
             offset = self.layout.addresses + slot * L.ADDRESS_BYTES
             self._buf[offset : offset + len(record)] = record
             words[self._weight + slot] = weight
-            words[self._registered + slot] = now
+            words[self._rotation + slot] = now
             words[self._gen + slot] += 1
             words[self._state + slot] = L.LIVE
             words[L.H_VERSION] += 1
@@ -503,6 +503,18 @@ class SharedState:
             return slot
 
         return self._locked(update)
+
+    def set_weight(self, addr: bytes, weight: int) -> None:
+        """Change the weight of a registered backend; every process sees it on its next pick."""
+
+        def update() -> None:
+            slot = self._find(addr)
+            if slot < 0:
+                raise UnknownBackend(addr.decode())
+            self._words[self._weight + slot] = weight
+            self._words[H_VERSION] += 1
+
+        self._locked(update)
 
     def drain(self, addr: bytes) -> int:
         """Take `addr` out of rotation now and free its slot when its last call ends."""
@@ -580,8 +592,11 @@ class SharedState:
             slot = self._find(addr)
             if slot < 0:
                 return False
-            changed = bool(words[self.layout.field(L.DOWN) + slot]) != down
+            was_down = bool(words[self.layout.field(L.DOWN) + slot])
+            changed = was_down != down
             words[self.layout.field(L.DOWN) + slot] = int(down)
+            if was_down and not down:
+                words[self._rotation + slot] = now
             if passing and words[self._ejected_until + slot] > now:
                 words[self._ejected_until + slot] = 0
                 words[self._consecutive + slot] = 0
@@ -613,7 +628,7 @@ class SharedState:
             if at(L.STATE, slot) == L.FREE:
                 continue
             until = at(L.EJECTED_UNTIL_NS, slot)
-            warm_since = max(until, at(L.REGISTERED_NS, slot))
+            warm_since = max(until, at(L.ROTATION_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
             offset = addr0 + slot * L.ADDRESS_BYTES

@@ -9,13 +9,12 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
+import textwrap
 import time
-import warnings
 
 import pytest
 
-from dispatcher import Balancer, HealthCheck, SegmentError
+from dispatcher import Balancer, SegmentError
 from tests import helpers
 from tests.helpers import Echo
 
@@ -173,14 +172,34 @@ def test_another_user_cannot_attach() -> None:
 
 
 def test_fork_after_creating_a_balancer_copies_no_threads() -> None:
-    """gunicorn's preload forks after the app built the balancer: nothing threaded to copy."""
-    with Balancer(ADDRS, backend_factory=Echo, health_check=HealthCheck(interval=0.05)) as b:
-        b.invoke(None)
-        assert threading.active_count() == 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+    """gunicorn's preload forks after the app built the balancer: nothing threaded to copy.
+
+    Run in a fresh interpreter with warnings as errors, so no other test's threads count.
+    """
+    script = textwrap.dedent(
+        f"""
+        import os, threading
+        from dispatcher import Balancer, HealthCheck
+        from tests.helpers import Echo
+        with Balancer({ADDRS!r}, backend_factory=Echo,
+                      health_check=HealthCheck(interval=0.05)) as b:
+            b.invoke(None)
+            assert threading.active_count() == 1, threading.enumerate()
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                os._exit(0 if b.invoke(None) in ADDRS else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+            if pid == 0:
+                os._exit(0 if b.invoke(None) else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
