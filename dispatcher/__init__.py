@@ -20,6 +20,7 @@ from .errors import (
     SegmentError,
     UnknownBackend,
 )
+from .health import HealthCheck
 from .pool import WorkerDied, WorkerPool
 from .servers import attach_from_env, shared_balancer
 from .state import BackendStats, View
@@ -49,6 +50,7 @@ __all__ = [
     "DnsResolver",
     "DuplicateBackend",
     "EtcdResolver",
+    "HealthCheck",
     "HttpBackend",
     "HttpRequest",
     "HttpResponse",
