@@ -540,7 +540,7 @@ class BalancerMachine(RuleBasedStateMachine):
 
 
 BalancerMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=300,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
