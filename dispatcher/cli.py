@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a backend back in rotation takes to get its full share (default 10)",
     )
     parser.add_argument("--svg", metavar="PATH", help="save the last live frame as an SVG picture")
+    parser.add_argument(
+        "--etcd",
+        metavar="URL",
+        help="publish the backends in this etcd (v3, e.g. http://127.0.0.1:2379) and take the "
+        "balancer's membership from it",
+    )
+    parser.add_argument(
+        "--service",
+        default="demo",
+        metavar="NAME",
+        help="the etcd service name: keys under /services/NAME/ (default demo)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="{top}")
     top = commands.add_parser(
         "top",
@@ -114,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             duration=args.duration,
             slow_start=args.slow_start,
             svg=args.svg,
+            etcd=args.etcd,
+            service=args.service,
         )
         return demo.run(options, console, stop)
 

@@ -42,6 +42,7 @@ from rich.console import Console
 from .backends import HttpBackend, HttpRequest
 from .balancer import Balancer
 from .dashboard import Frame, Sampler, Screen, render, summary
+from .discovery import Discovery, EtcdResolver
 from .errors import NoBackendAvailable
 from .health import HealthCheck
 from .pool import WorkerPool
@@ -89,6 +90,9 @@ class Options:
     slow_start: float = 10.0
     svg: str | None = None
     """Where to save the last frame as an SVG picture, if anywhere."""
+    etcd: str | None = None
+    """An etcd v3 URL: the backends are published there and the balancer follows the registry."""
+    service: str = "demo"
 
 
 # The backends ------------------------------------------------------------------------------
@@ -379,6 +383,25 @@ def make_balancer(addrs: list[str], options: Options) -> Balancer:
     )
 
 
+def follow_registry(
+    stack: contextlib.ExitStack,
+    balancer: Balancer,
+    backends: list[DemoBackend],
+    url: str,
+    service: str,
+) -> None:
+    """Publish the demo's backends in etcd and let the balancer's membership follow it."""
+    registry = EtcdResolver(url, service)
+    for backend in backends:
+        registry.publish(backend.label, backend.addr)
+        stack.callback(registry.withdraw, backend.label)
+    discovery = Discovery(balancer, registry).start()
+    stack.callback(discovery.stop)
+    deadline = time.monotonic() + 10
+    while len(balancer.snapshot()) < len(backends) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def run(
     options: Options, console: Console | None = None, stop: threading.Event | None = None
 ) -> int:
@@ -394,7 +417,11 @@ def run(
         backends = start_backends(options.backends)
         for backend in backends:
             stack.callback(backend.stop)
-        balancer = stack.enter_context(make_balancer([b.addr for b in backends], options))
+        if options.etcd:
+            balancer = stack.enter_context(make_balancer([], options))
+            follow_registry(stack, balancer, backends, options.etcd, options.service)
+        else:
+            balancer = stack.enter_context(make_balancer([b.addr for b in backends], options))
         pool = WorkerPool(balancer, options.workers, mp_context=_spawn)
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         console.print(

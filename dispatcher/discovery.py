@@ -406,6 +406,23 @@ class EtcdResolver:
                     return
                 backoff = min(backoff * 2, self.max_backoff)
 
+    def publish(self, name: str, addr: str, weight: int = 1) -> None:
+        """Register an instance under this prefix, as a service announcing itself would."""
+        value = json.dumps({"addr": parse_address(addr), "weight": weight}).encode()
+        self._write(
+            "/v3/kv/put", {"key": _b64(self.prefix.encode() + name.encode()), "value": _b64(value)}
+        )
+
+    def withdraw(self, name: str) -> None:
+        """Remove an instance published with `publish`."""
+        self._write("/v3/kv/deleterange", {"key": _b64(self.prefix.encode() + name.encode())})
+
+    def _write(self, path: str, body: dict[str, Any]) -> None:
+        with self._pool() as pool:
+            response = self._post(pool, f"{self.urls[0]}{path}", body, timeout=self.timeout)
+        if response.status != 200:
+            raise EtcdError(f"{self.urls[0]}: {path} answered {response.status}")
+
     @contextmanager
     def _pool(self) -> Iterator[urllib3.PoolManager]:
         pool = urllib3.PoolManager(

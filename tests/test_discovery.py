@@ -6,11 +6,14 @@ import base64
 import json
 import logging
 import multiprocessing
+import os
 import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -460,3 +463,37 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     assert len(warnings(caplog, "keeping the last good list (2 instances)")) == 1, caplog.text
     assert "answers again" in caplog.text
     assert not warnings(caplog, "did not stop")
+
+
+@needs_etcd
+def test_the_demo_takes_its_backends_from_etcd(etcd: EtcdServer) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "--backends",
+            "3",
+            "--workers",
+            "2",
+            "--duration",
+            "4",
+            "--etcd",
+            etcd.url,
+            "--service",
+            "shop",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    addrs = set(re.findall(r"127\.0\.0\.1:\d+", done.stdout))
+    assert len(addrs) == 3, done.stdout[-3000:]
+    # The demo published its backends under /services/shop/ and withdrew them on the way out.
+    listed = etcd.call(
+        "/v3/kv/range", {"key": _b64("/services/shop/"), "range_end": _b64("/services/shop0")}
+    )
+    assert "kvs" not in listed
