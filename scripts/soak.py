@@ -472,10 +472,10 @@ def soak(args: argparse.Namespace) -> int:
                 w.process.kill()
                 w.process.join()
         balancer.close()
-        for process in backends.values():
-            if process is not None:
-                process.kill()
-                process.wait()
+        for backend in backends.values():
+            if backend is not None:
+                backend.kill()
+                backend.wait()
     elapsed = time.monotonic() - started
     if os.path.exists(f"/dev/shm/{name}") or our_segments():
         mismatches.append(f"segment left in /dev/shm: {our_segments() or [name]}")

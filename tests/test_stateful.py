@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from dispatcher.strategies import (
     PowerOfTwo,
     Random,
     RoundRobin,
+    Strategy,
     WeightedRandom,
     WeightedRoundRobin,
 )
@@ -95,13 +97,13 @@ BAD_ADDRESSES = [
     "a..b:80",
 ]
 NOT_STRINGS = [b"10.0.0.1:80", None, 80, ("10.0.0.1", 80)]
-BAD_WEIGHTS = [0, -1, -(10**30), dispatcher.balancer.MAX_WEIGHT + 1, 10**30]
+BAD_WEIGHTS: list[object] = [0, -1, -(10**30), dispatcher.balancer.MAX_WEIGHT + 1, 10**30]
 BAD_WEIGHTS += [math.nan, math.inf, -math.inf, 1.5, 1.0, True, "1", None]
 BAD_TIMEOUTS = [math.nan, -1.0, -1, 0, 0.0, math.inf, -math.inf, 1e10, "1", True, [1.0]]
 BAD_RETRIES = [-1, dispatcher.balancer.MAX_RETRIES + 1, 10**30, 1.5, math.nan, True, "1"]
 BAD_KEYS = [1.5, math.nan, True, object(), [1], ("a",)]
 
-STRATEGIES = {
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "round_robin": RoundRobin,
     "weighted_round_robin": WeightedRoundRobin,
     "least_loaded": LeastLoaded,
