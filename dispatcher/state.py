@@ -351,7 +351,8 @@ class SharedState:
             words[self._inflight + slot] -= 1
             words[row + slot] -= 1
             if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
-                self._free(slot)
+                self._free(slot)  # the backend is gone: its last outcome goes with it
+                return
             if outcome == CANCELLED:
                 return
             words[self._requests + slot] += 1
