@@ -1,10 +1,10 @@
 """asyncio: ``await ainvoke(balancer, request)`` without ever stalling the event loop.
 
 A call has three parts. The pick and the end of the call each take the shared lock for well
-under a microsecond, so they run inline on the loop when the lock is free. When it is not (a
-busy neighbour, a holder that was descheduled or died in it), they wait a bounded number of
-spins and then move to a small thread pool of this process, so a waiting loop keeps serving
-its other tasks. The backend call in between is awaited with no lock held.
+under a microsecond, so they run inline on the loop. When the lock stays taken for a few tries
+(a busy neighbour, a holder that was descheduled or died in it), they move to a small thread
+pool of this process, so a waiting loop keeps serving its other tasks. The backend call in
+between is awaited with no lock held.
 
 Async backends come from the balancer's ordinary ``backend_factory``: pass one whose backends
 have ``async def ainvoke(request, *, timeout=None)``, such as `AsyncHttpBackend`::
@@ -32,15 +32,13 @@ from .backends import HttpRequest, HttpResponse
 from .balancer import Balancer, _key_hash
 from .checks import check_seconds
 from .errors import BackendError
-from .state import CANCELLED, FAILURE, SUCCESS, LockLike
+from .state import CANCELLED, FAILURE, SUCCESS, LockBusy, SharedState
 
 try:
     import httpx
 except ModuleNotFoundError:
     httpx = None  # type: ignore[assignment]
 
-SPINS = 20
-"""Looks at a busy lock before a pick or a finish moves off the loop to a thread."""
 THREADS = 2
 """Threads per process that wait on a contended lock for the event loops of that process."""
 
@@ -68,13 +66,9 @@ async def ainvoke(
     slot, generation, proxy = await _pick(balancer, hashed)
     state, row = balancer._state, balancer._row
     start = monotonic_ns()
-
-    def finish(outcome: int) -> None:
-        state.finish(slot, generation, row, outcome, start)
-
     call = getattr(proxy, "ainvoke", None)
     if call is None:
-        await _soon(state.lock, finish, CANCELLED)
+        await _finish(state, slot, generation, row, CANCELLED, start)
         raise TypeError(
             f"{proxy!r} has no ainvoke: make the balancer with an async backend_factory "
             f"(for HTTP, backend_factory=AsyncHttpBackend)"
@@ -82,12 +76,12 @@ async def ainvoke(
     try:
         response = await call(request, timeout=timeout)
     except Exception:
-        await _soon(state.lock, finish, FAILURE)
+        await _finish(state, slot, generation, row, FAILURE, start)
         raise
     except BaseException:
-        await _soon(state.lock, finish, CANCELLED)
+        await _finish(state, slot, generation, row, CANCELLED, start)
         raise
-    await _soon(state.lock, finish, SUCCESS)
+    await _finish(state, slot, generation, row, SUCCESS, start)
     return response
 
 
@@ -106,10 +100,12 @@ async def aclose(balancer: Balancer) -> None:
 
 
 async def _pick(balancer: Balancer, key: int | None) -> Ticket:
-    """`Balancer._pick`, inline if the lock is free, else on a thread; never lost if cancelled."""
-    lock = balancer._state.lock
-    if _free_soon(lock):
-        return balancer._pick(key)
+    """`Balancer._pick`, inline unless the lock stays busy, then on a thread; never lost if
+    cancelled."""
+    try:
+        return balancer._pick(key, blocking=False)
+    except LockBusy:
+        pass
     future = asyncio.get_running_loop().run_in_executor(_executor(), balancer._pick, key)
     try:
         return await asyncio.shield(future)
@@ -126,56 +122,31 @@ def _abandon(balancer: Balancer) -> Callable[[asyncio.Future[Ticket]], None]:
         if future.cancelled() or future.exception() is not None:
             return
         slot, generation, _ = future.result()
-        finish = state.finish
         args = (slot, generation, balancer._row, CANCELLED, monotonic_ns())
-        if _free_soon(state.lock):
-            finish(*args)
-        else:
-            _executor().submit(finish, *args)
+        try:
+            state.finish(*args, blocking=False)
+        except LockBusy:
+            _executor().submit(state.finish, *args)
 
     return done
 
 
-async def _soon(lock: LockLike, update: Callable[[int], None], outcome: int) -> None:
-    """Run `update(outcome)` under the shared lock, inline if free, else on a thread.
+async def _finish(
+    state: SharedState, slot: int, generation: int, row: int, outcome: int, start: int
+) -> None:
+    """`SharedState.finish`, inline unless the lock stays busy, then on a thread.
 
     The thread's work is shielded: a second cancellation while it waits does not undo it.
     """
-    if _free_soon(lock):
-        update(outcome)
+    try:
+        state.finish(slot, generation, row, outcome, start, blocking=False)
         return
-    future = asyncio.get_running_loop().run_in_executor(_executor(), update, outcome)
+    except LockBusy:
+        pass
+    future = asyncio.get_running_loop().run_in_executor(
+        _executor(), state.finish, slot, generation, row, outcome, start
+    )
     await asyncio.shield(future)
-
-
-def _free_soon(lock: LockLike) -> bool:
-    """Whether `lock` is free, or becomes free within a few looks. Taking it stays the job of
-    the caller, so a lock taken in between costs a short spin in the caller, nothing more."""
-    free = _is_free(lock)
-    return any(free() for _ in range(SPINS))
-
-
-def _is_free(lock: LockLike) -> Callable[[], bool]:
-    semlock = getattr(lock, "_semlock", None)
-    if semlock is not None:
-        try:
-            semlock._get_value()
-        except (NotImplementedError, OSError):
-            pass
-        else:
-            get_value = semlock._get_value
-            return lambda: bool(get_value() > 0)
-    locked = getattr(lock, "locked", None)
-    if locked is not None:
-        return lambda: not locked()
-
-    def try_it() -> bool:
-        if lock.acquire(False):
-            lock.release()
-            return True
-        return False
-
-    return try_it
 
 
 class _Pool:

@@ -303,18 +303,21 @@ class Balancer:
         return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
 
     def _pick(
-        self, key: int | None, exclude: frozenset[int] = frozenset()
+        self, key: int | None, exclude: frozenset[int] = frozenset(), blocking: bool = True
     ) -> tuple[int, int, Backend]:
-        """Choose and commit a slot; return it with its generation and this process's proxy."""
+        """Choose and commit a slot; return it with its generation and this process's proxy.
+
+        Not `blocking`: raise `LockBusy` instead of waiting for a lock that stays taken.
+        """
         if self._row < 0:
-            self._claim_row()
+            self._claim_row(blocking)
         words, strategy, commit = self._words, self._strategy, self._state.commit
         while True:
             now = monotonic_ns()
             membership = self._membership
             view = membership.view
             if view.version != words[L.H_VERSION] or now >= view.expires_ns:
-                membership = self._refresh(now)
+                membership = self._refresh(now, blocking)
                 view = membership.view
             if exclude:
                 view = dataclasses.replace(
@@ -327,17 +330,17 @@ class Balancer:
             addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
             if addr is None or slot in exclude:
                 raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
-            generation = commit(view.version, slot, cursor, self._row, now)
+            generation = commit(view.version, slot, cursor, self._row, now, blocking)
             if generation >= 0:
                 proxy = self._proxies.get(addr)
                 if proxy is None:
                     proxy = self._proxy(addr)
                 return slot, generation, proxy
 
-    def _refresh(self, now: int) -> Membership:
+    def _refresh(self, now: int, blocking: bool = True) -> Membership:
         if self._closed:
             raise SegmentError("this balancer is closed")
-        membership = self._state.membership(now)
+        membership = self._state.membership(now, blocking)
         self._membership = membership
         if not self._proxies.keys() <= membership.live:
             with self._local_lock:
@@ -353,7 +356,7 @@ class Balancer:
                 proxy = self._proxies[addr] = self._factory(addr)
             return proxy
 
-    def _claim_row(self) -> None:
+    def _claim_row(self, blocking: bool = True) -> None:
         state = self._live_state()
         with self._local_lock:
             if self._row >= 0:
@@ -362,7 +365,7 @@ class Balancer:
             start = workers.start_time(pid)
             if start is None:
                 raise DispatcherError(f"cannot read the start time of this process ({pid})")
-            row = state.claim_row(pid, start)
+            row = state.claim_row(pid, start, blocking)
             if row < 0 and self.reap():
                 row = state.claim_row(pid, start)
             if row < 0:

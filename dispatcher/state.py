@@ -43,6 +43,14 @@ CANCELLED = 2
 
 T = TypeVar("T")
 
+STALE = -1
+"""`commit`: the view the choice came from is out of date."""
+
+
+class LockBusy(Exception):
+    """The shared lock stayed taken for an operation that was asked not to wait for it."""
+
+
 SPINS = 50
 """Non-blocking tries before a waiter sleeps on the semaphore."""
 PATIENCE_S = 0.25
@@ -230,9 +238,9 @@ class SharedState:
 
     # The lock ----------------------------------------------------------------------------
 
-    def _lock(self, now: int) -> None:
+    def _lock(self, now: int, blocking: bool = True) -> None:
         if not self._acquire(False):
-            self._wait()
+            self._contended(blocking)
         self._words[H_LOCK_PID] = self._pid
         self._words[H_LOCK_SINCE_NS] = now
 
@@ -240,8 +248,8 @@ class SharedState:
         self._words[H_LOCK_PID] = 0
         self._release()
 
-    def _locked(self, update: Callable[[], T]) -> T:
-        self._lock(monotonic_ns())
+    def _locked(self, update: Callable[[], T], blocking: bool = True) -> T:
+        self._lock(monotonic_ns(), blocking)
         try:
             return update()
         finally:
@@ -253,10 +261,9 @@ class SharedState:
         Spinning covers the usual hold of well under a microsecond without a futex sleep and
         wake-up. Between bounded waits, a holder that died holding the lock is taken over.
         """
+        if self._spin():
+            return
         acquire = self._acquire
-        for _ in range(SPINS):
-            if acquire(False):
-                return
         unknown_since = None
         while not acquire(True, PATIENCE_S):
             holder = int(self._words[H_LOCK_PID])
@@ -269,6 +276,18 @@ class SharedState:
                 continue
             if self._take_over(holder):
                 return
+
+    def _contended(self, blocking: bool) -> None:
+        """The first try failed: wait for the lock, or give up after a spin if not `blocking`."""
+        if blocking:
+            self._wait()
+        elif not self._spin():
+            raise LockBusy
+
+    def _spin(self) -> bool:
+        """Try to take the lock a few times without sleeping; whether it was taken."""
+        acquire = self._acquire
+        return any(acquire(False) for _ in range(SPINS))
 
     def _holder_alive(self, pid: int) -> bool:
         for _, row_pid, start in self.rows():
@@ -301,24 +320,27 @@ class SharedState:
 
     # The hot path ------------------------------------------------------------------------
 
-    def commit(self, version: int, slot: int, cursor: int, row: int, now: int) -> int:
+    def commit(
+        self, version: int, slot: int, cursor: int, row: int, now: int, blocking: bool = True
+    ) -> int:
         """Count a call on `slot` if the view it was chosen from still holds.
 
         `cursor` is the shared cursor the choice was made from, or -1 if the choice did not
         use it; a used cursor is advanced only if no other pick got in first. Returns the
-        slot's generation (the ticket `finish` needs), or -1: choose again from a fresh view.
+        slot's generation (the ticket `finish` needs), or STALE: choose again from a fresh
+        view. Not `blocking`: raises `LockBusy` if the lock stays taken for a few tries.
         """
         words = self._words
         if not self._acquire(False):
-            self._wait()
+            self._contended(blocking)
         try:
             words[H_LOCK_PID] = self._pid
             words[H_LOCK_SINCE_NS] = now
             if words[H_VERSION] != version:
-                return -1
+                return STALE
             if cursor >= 0:
                 if words[H_CURSOR] != cursor:
-                    return -1
+                    return STALE
                 words[H_CURSOR] = cursor + 1
             words[row + slot] += 1
             words[self._inflight + slot] += 1
@@ -327,10 +349,19 @@ class SharedState:
             words[H_LOCK_PID] = 0
             self._release()
 
-    def finish(self, slot: int, generation: int, row: int, outcome: int, start: int) -> None:
+    def finish(
+        self,
+        slot: int,
+        generation: int,
+        row: int,
+        outcome: int,
+        start: int,
+        blocking: bool = True,
+    ) -> None:
         """Record the end of a call counted by `commit`: in-flight down, outcome, latency.
 
         A call whose slot was unregistered meanwhile (generation changed) leaves no trace.
+        Not `blocking`: raises `LockBusy`, having recorded nothing, if the lock stays taken.
         """
         now = monotonic_ns()
         words = self._words
@@ -342,7 +373,7 @@ class SharedState:
         sample = sample_ns(latency, outcome == FAILURE)
         ewma = sample if sample >= average else peak_ewma(average, words[stamp_at], sample, now)
         if not self._acquire(False):
-            self._wait()
+            self._contended(blocking)
         try:
             words[H_LOCK_PID] = self._pid
             words[H_LOCK_SINCE_NS] = now
@@ -392,7 +423,7 @@ class SharedState:
 
     # Membership --------------------------------------------------------------------------
 
-    def membership(self, now: int) -> Membership:
+    def membership(self, now: int, blocking: bool = True) -> Membership:
         """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
         c, lay = self._c, self.layout
         start, end = lay.field(0), lay.field(L.SLOT_FIELDS)
@@ -406,7 +437,7 @@ class SharedState:
                 (self._buf[addr_start:addr_end].tobytes()),
             )
 
-        version, fields, addresses = self._locked(copy)
+        version, fields, addresses = self._locked(copy, blocking)
         if version < 0:
             raise SegmentError("the balancer was closed by its owner")
         f = memoryview(fields).cast("q")
@@ -663,7 +694,7 @@ class SharedState:
         """Word index of slot 0 of worker row `row`'s in-flight run."""
         return self.layout.workers + row * self.layout.worker_stride + L.W_HEADER
 
-    def claim_row(self, pid: int, start: int) -> int:
+    def claim_row(self, pid: int, start: int, blocking: bool = True) -> int:
         """Take a free worker row for process (`pid`, `start`); -1 if none is free."""
 
         def update() -> int:
@@ -676,7 +707,7 @@ class SharedState:
                     return row
             return -1
 
-        return self._locked(update)
+        return self._locked(update, blocking)
 
     def rows(self) -> list[tuple[int, int, int]]:
         """(row, pid, start) of every claimed worker row; an unlocked read."""
