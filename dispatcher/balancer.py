@@ -134,7 +134,7 @@ class Balancer:
             state = SharedState(buf, layout, lock, segment.path(shm))
             state.store_policy(policy)
             for addr in parsed:
-                state.register(addr.encode(), 1)
+                state.register(addr.encode(), 1, warm_up=False)
         except BaseException:
             if shm is not None:
                 shm.close()

@@ -488,8 +488,12 @@ class SharedState:
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
         return Membership(view, tuple(addrs), frozenset(live))
 
-    def register(self, addr: bytes, weight: int) -> int:
-        """Put `addr` (canonical, encoded) in a free slot; return the slot."""
+    def register(self, addr: bytes, weight: int, warm_up: bool = True) -> int:
+        """Put `addr` (canonical, encoded) in a free slot; return the slot.
+
+        `warm_up`: the backend is new to a running pool, so slow start applies to it; the
+        backends a pool starts with get their full share at once, as in Envoy.
+        """
         if len(addr) >= L.ADDRESS_BYTES:
             raise ValueError(f"address {addr!r} does not fit a slot")
         record = bytes([len(addr)]) + addr
@@ -516,7 +520,7 @@ class SharedState:
             offset = self.layout.addresses + slot * L.ADDRESS_BYTES
             self._buf[offset : offset + len(record)] = record
             words[self._weight + slot] = weight
-            words[self._rotation + slot] = now
+            words[self._rotation + slot] = now if warm_up else 0
             words[self._gen + slot] += 1
             words[self._state + slot] = L.LIVE
             words[L.H_VERSION] += 1

@@ -432,3 +432,11 @@ def test_registering_a_draining_backend_puts_it_back() -> None:
         assert b.invoke(None) == "a:1"
         (stats,) = b.snapshot()
         assert (stats.in_flight, stats.requests) == (0, 2)
+
+
+def test_slow_start_applies_to_backends_added_later_not_to_the_first_ones() -> None:
+    with Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60) as b:
+        b.register("later:1", weight=10)
+        stats = {s.addr: s for s in b.snapshot()}
+        assert stats["first:1"].effective_weight == 1
+        assert 0.99 <= stats["later:1"].effective_weight < 1.5  # 10% of 10, just registered
