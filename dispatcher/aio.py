@@ -64,7 +64,7 @@ async def ainvoke(
         check_seconds("timeout", timeout)
     hashed = None if key is None else _key_hash(key)
     slot, generation, proxy = await _pick(balancer, hashed)
-    state, row = balancer._state, balancer._row
+    state, row = balancer._state, balancer._row_base
     start = monotonic_ns()
     call = getattr(proxy, "ainvoke", None)
     if call is None:
@@ -122,7 +122,7 @@ def _abandon(balancer: Balancer) -> Callable[[asyncio.Future[Ticket]], None]:
         if future.cancelled() or future.exception() is not None:
             return
         slot, generation, _ = future.result()
-        args = (slot, generation, balancer._row, CANCELLED, monotonic_ns())
+        args = (slot, generation, balancer._row_base, CANCELLED, monotonic_ns())
         try:
             state.finish(*args, blocking=False)
         except LockBusy:

@@ -11,7 +11,6 @@ attaches to it. Each process has its own worker row, proxies and view cache.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
@@ -37,6 +36,7 @@ from .errors import (
     SegmentError,
 )
 from .health import HealthCheck
+from .layout import H_CURSOR, H_VERSION
 from .lock import new_lock, open_lock
 from .policy import EjectionPolicy
 from .state import (
@@ -127,21 +127,23 @@ class Balancer:
             buf = segment.buffer(shm)
         else:
             lock, lock_name, buf = threading.Lock(), "", memoryview(bytearray(layout.size))
+        state = SharedState(buf, layout, lock, segment.path(shm))
         try:
-            L.write_header(buf.cast("q"), layout, os.getpid())
+            L.write_header(state.words, layout, os.getpid())
             L.write_name(buf, L.H_LOCK_NAME, lock_name)
             L.write_name(buf, L.H_STRATEGY_NAME, strategy if isinstance(strategy, str) else "")
-            state = SharedState(buf, layout, lock, segment.path(shm))
             state.store_policy(policy)
             for addr in parsed:
                 state.register(addr.encode(), 1, warm_up=False)
+            watcher = _monitor.start(shm.name, health_check) if shm and monitor else None
         except BaseException:
+            state.release_views()
+            del buf
             if shm is not None:
                 shm.close()
                 shm.unlink()
             raise
-        self._lock = lock
-        watcher = _monitor.start(shm.name, health_check) if shm and monitor else None
+        self._lock_keepalive = lock
         self._setup(shm, state, strategy, chosen, backend_factory, owner=True, monitor=watcher)
 
     def _setup(
@@ -173,7 +175,7 @@ class Balancer:
     def _reset_process(self) -> None:
         """Forget everything that belongs to one process: worker row, proxies, view cache."""
         self._pid = os.getpid()
-        self._row = -1
+        self._row_base = -1
         self._proxies: dict[str, Backend] = {}
         self._membership = _NO_VIEW
         self._local_lock = threading.Lock()
@@ -218,7 +220,7 @@ class Balancer:
             shm.close()
             raise
         balancer = cls.__new__(cls)
-        balancer._lock = lock
+        balancer._lock_keepalive = lock
         balancer._setup(shm, state, strategy, chosen, backend_factory, owner=False)
         return balancer
 
@@ -252,7 +254,7 @@ class Balancer:
     def _call(
         self, slot: int, generation: int, proxy: Backend, request: Any, timeout: float | None
     ) -> Any:
-        finish, row = self._state.finish, self._row
+        finish, row = self._state.finish, self._row_base
         start = monotonic_ns()
         try:
             response = proxy.invoke(request, timeout=timeout)
@@ -276,7 +278,7 @@ class Balancer:
             if failure is not None:
                 if remaining is not None and remaining <= 0:
                     raise failure
-                if not self._state.take_retry(self._row, self._retry_limit()):
+                if not self._state.take_retry(self._row_base, self._retry_limit()):
                     raise failure
             try:
                 try:
@@ -293,7 +295,7 @@ class Balancer:
                 failure = exc
             finally:
                 if attempt:
-                    self._state.return_retry(self._row)
+                    self._state.return_retry(self._row_base)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retry_limit(self) -> int:
@@ -307,34 +309,33 @@ class Balancer:
     ) -> tuple[int, int, Backend]:
         """Choose and commit a slot; return it with its generation and this process's proxy.
 
-        Not `blocking`: raise `LockBusy` instead of waiting for a lock that stays taken.
+        `exclude`: slots this call already tried (retries); if the strategy chooses one, the
+        least loaded of the others is taken instead, so the strategy's cached structures stay
+        valid. Not `blocking`: raise `LockBusy` instead of waiting for a lock that stays taken.
         """
-        if self._row < 0:
+        if self._row_base < 0:
             self._claim_row(blocking)
         words, strategy, commit = self._words, self._strategy, self._state.commit
         while True:
             now = monotonic_ns()
             membership = self._membership
             view = membership.view
-            if view.version != words[L.H_VERSION] or now >= view.expires_ns:
+            if view.version != words[H_VERSION] or now >= view.expires_ns:
                 membership = self._refresh(now, blocking)
                 view = membership.view
-            if exclude:
-                view = dataclasses.replace(
-                    view, slots=tuple(s for s in view.slots if s not in exclude)
-                )
             if not view.slots:
                 raise NoBackendAvailable(self._why_none())
-            cursor = words[L.H_CURSOR] if self._uses_cursor else -1
+            cursor = words[H_CURSOR] if self._uses_cursor else -1
             slot = strategy.pick(view, cursor, key)
+            if exclude and slot in exclude:
+                slot, cursor = _least_loaded_except(view, exclude), -1
             addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
-            if addr is None or slot in exclude:
+            if addr is None:
                 raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
-            generation = commit(view.version, slot, cursor, self._row, now, blocking)
+            # The proxy exists before the call is counted: a factory that raises counts nothing.
+            proxy = self._proxies.get(addr) or self._proxy(addr)
+            generation = commit(view.version, slot, cursor, self._row_base, now, blocking)
             if generation >= 0:
-                proxy = self._proxies.get(addr)
-                if proxy is None:
-                    proxy = self._proxy(addr)
                 return slot, generation, proxy
 
     def _refresh(self, now: int, blocking: bool = True) -> Membership:
@@ -359,7 +360,7 @@ class Balancer:
     def _claim_row(self, blocking: bool = True) -> None:
         state = self._live_state()
         with self._local_lock:
-            if self._row >= 0:
+            if self._row_base >= 0:
                 return
             pid = os.getpid()
             start = workers.start_time(pid)
@@ -373,7 +374,8 @@ class Balancer:
                     f"all {state.layout.max_workers} worker rows are taken by live "
                     f"processes; create the balancer with a larger max_workers"
                 )
-            self._row = state.row_base(row)
+            self._row_index, self._row_start = row, start
+            self._row_base = state.row_base(row)
 
     def _why_none(self) -> str:
         stats = self.snapshot()
@@ -459,6 +461,8 @@ class Balancer:
         """Detach; in the owner, also unlink the segment so no process can attach again."""
         if self._closed:
             return
+        if self._row_base >= 0 and self._state.version() >= 0:
+            self._state.reap(self._row_index, os.getpid(), self._row_start)
         self._closed = True
         self._words = _CLOSED
         self._membership = _NO_VIEW
@@ -496,6 +500,14 @@ def _close_segment(
         shm.close()
         if owner:
             shm.unlink()
+
+
+def _least_loaded_except(view: View, exclude: frozenset[int]) -> int:
+    """The least loaded eligible slot not in `exclude`, for a retry the strategy cannot place."""
+    others = [slot for slot in view.slots if slot not in exclude]
+    if not others:
+        raise NoBackendAvailable(f"every eligible backend was tried ({len(exclude)})")
+    return min(others, key=lambda slot: view.in_flight[slot] / (view.weights[slot] or 1.0))
 
 
 def _close_proxy(proxy: object) -> None:

@@ -8,6 +8,7 @@ fall 3`` are the defaults); a passing probe also ends a passive ejection early, 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +41,14 @@ class HealthCheck:
         check_int("fall", self.fall, 1, 1000)
         if self.check is not None and not callable(self.check):
             raise TypeError("check must be callable as check(addr) -> bool")
+        if self.check is not None:
+            try:
+                pickle.dumps(self.check)
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                raise TypeError(
+                    f"check must be picklable (a module-level function): it runs in the "
+                    f"monitor process ({exc})"
+                ) from None
 
     def probe(self, addr: str) -> bool:
         """Whether `addr` passes one probe; any exception is a failure."""

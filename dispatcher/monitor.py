@@ -50,6 +50,7 @@ class Spec:
 
 def start(name: str, health: HealthCheck | None) -> subprocess.Popen[bytes]:
     """Start the monitor of segment `name` for this (owner) process."""
+    spec = pickle.dumps(Spec(name, os.getpid(), health))  # an unpicklable check fails here
     process = subprocess.Popen(
         [sys.executable, "-c", "from dispatcher.monitor import main; main()"],
         stdin=subprocess.PIPE,
@@ -58,7 +59,7 @@ def start(name: str, health: HealthCheck | None) -> subprocess.Popen[bytes]:
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
     assert process.stdin is not None
-    process.stdin.write(pickle.dumps(Spec(name, os.getpid(), health)))
+    process.stdin.write(spec)
     process.stdin.close()
     return process
 

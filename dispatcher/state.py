@@ -321,7 +321,7 @@ class SharedState:
     # The hot path ------------------------------------------------------------------------
 
     def commit(
-        self, version: int, slot: int, cursor: int, row: int, now: int, blocking: bool = True
+        self, version: int, slot: int, cursor: int, row_base: int, now: int, blocking: bool = True
     ) -> int:
         """Count a call on `slot` if the view it was chosen from still holds.
 
@@ -342,7 +342,7 @@ class SharedState:
                 if words[H_CURSOR] != cursor:
                     return STALE
                 words[H_CURSOR] = cursor + 1
-            words[row + slot] += 1
+            words[row_base + slot] += 1
             words[self._inflight + slot] += 1
             return int(words[self._gen + slot])
         finally:
@@ -353,7 +353,7 @@ class SharedState:
         self,
         slot: int,
         generation: int,
-        row: int,
+        row_base: int,
         outcome: int,
         start: int,
         blocking: bool = True,
@@ -380,7 +380,7 @@ class SharedState:
             if words[self._gen + slot] != generation:
                 return
             words[self._inflight + slot] -= 1
-            words[row + slot] -= 1
+            words[row_base + slot] -= 1
             if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
                 self._free(slot)  # the backend is gone: its last outcome goes with it
                 return
@@ -592,7 +592,7 @@ class SharedState:
 
     # Retry budget and health -----------------------------------------------------------
 
-    def take_retry(self, row: int, limit: int) -> bool:
+    def take_retry(self, row_base: int, limit: int) -> bool:
         """Count one more retry under way, unless `limit` of them already are."""
 
         def update() -> bool:
@@ -600,15 +600,15 @@ class SharedState:
             if words[L.H_RETRIES] >= limit:
                 return False
             words[L.H_RETRIES] += 1
-            words[row - L.W_HEADER + L.W_RETRIES] += 1
+            words[row_base - L.W_HEADER + L.W_RETRIES] += 1
             return True
 
         return self._locked(update)
 
-    def return_retry(self, row: int) -> None:
+    def return_retry(self, row_base: int) -> None:
         def update() -> None:
             self._words[L.H_RETRIES] -= 1
-            self._words[row - L.W_HEADER + L.W_RETRIES] -= 1
+            self._words[row_base - L.W_HEADER + L.W_RETRIES] -= 1
 
         self._locked(update)
 

@@ -3,6 +3,10 @@
 A pid alone is not an identity: a dead worker's pid can be reused by a new process. A worker
 row stores the pid with the process's start time, and a row whose process is gone, a zombie,
 or a different process under the same pid belongs to a dead worker.
+
+The start time is counted from boot, not from the epoch: psutil derives a process's epoch
+start time from the system's boot time, which moves whenever the wall clock is stepped (NTP, a
+resumed VM), and then every live worker would look like a different process.
 """
 
 from __future__ import annotations
@@ -10,10 +14,15 @@ from __future__ import annotations
 import psutil
 
 
+def _started(process: psutil.Process) -> int:
+    """Hundredths of a second from boot to the start of `process`."""
+    return round((process.create_time() - psutil.boot_time()) * 100)
+
+
 def start_time(pid: int) -> int | None:
-    """The start time of `pid` in hundredths of a second since the epoch, or None if gone."""
+    """The start time of `pid` (hundredths of a second since boot), or None if it is gone."""
     try:
-        return round(psutil.Process(pid).create_time() * 100)
+        return _started(psutil.Process(pid))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -22,7 +31,7 @@ def is_alive(pid: int, start: int | None) -> bool:
     """Whether the process that started at `start` (if known) with this `pid` still runs."""
     try:
         process = psutil.Process(pid)
-        if start is not None and round(process.create_time() * 100) != start:
+        if start is not None and _started(process) != start:
             return False
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

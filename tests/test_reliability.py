@@ -11,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from unittest import mock
 
 import pytest
 
-from dispatcher import Balancer, SegmentError
+from dispatcher import Balancer, HealthCheck, SegmentError
 from tests import helpers
 from tests.helpers import Echo
 
@@ -203,3 +204,47 @@ def test_fork_after_creating_a_balancer_copies_no_threads() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_backend_factory_that_raises_counts_nothing() -> None:
+    def broken(addr: str) -> Echo:
+        raise OSError(f"cannot build a client for {addr}")
+
+    with Balancer(ADDRS, backend_factory=broken, strategy="least_loaded") as b:
+        b.drain(ADDRS[0])
+        for _ in range(3):
+            with pytest.raises(OSError, match="cannot build"):
+                b.invoke(None)
+        assert in_flight(b) == 0
+        assert [s.addr for s in b.snapshot()] == ADDRS[1:]  # the drained one was freed
+
+
+def test_closing_an_attached_handle_gives_its_worker_row_back() -> None:
+    with Balancer(ADDRS, backend_factory=Echo, max_workers=2) as owner:
+        for _ in range(5):
+            with Balancer.attach(owner.name, backend_factory=Echo) as attached:
+                attached.invoke(None)
+        assert sum(s.requests for s in owner.snapshot()) == 5
+
+
+def test_a_wall_clock_step_does_not_make_live_workers_look_dead() -> None:
+    import psutil
+
+    from dispatcher import workers
+
+    start = workers.start_time(os.getpid())
+    stepped = psutil.boot_time() + 3600.0  # what psutil reads after the clock jumped an hour
+    with mock.patch("psutil._pslinux.boot_time", return_value=stepped):
+        assert workers.is_alive(os.getpid(), start)
+    assert not workers.is_alive(os.getpid(), (start or 0) + 100)
+
+
+def test_a_health_check_that_cannot_reach_the_monitor_leaves_nothing_behind() -> None:
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(TypeError, match="picklable"):
+        HealthCheck(check=lambda a: True)
+    check = HealthCheck(check=helpers.always_false)
+    object.__setattr__(check, "check", lambda a: True)  # slipped past validation
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        Balancer(ADDRS, backend_factory=Echo, health_check=check)
+    assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dispatcher_")}
