@@ -54,6 +54,8 @@ from .strategies import STRATEGIES, Strategy, make_strategy
 BackendFactory = Callable[[str], Backend]
 
 MAX_WEIGHT = 1_000_000
+MAX_CAPACITY = 4096
+"""Copies and scans under the lock grow with capacity: at 4096 they stay near 100 us."""
 MAX_RETRIES = 100
 RETRY_BUDGET_PERCENT = 20
 RETRY_MIN_CONCURRENCY = 3
@@ -90,7 +92,7 @@ class Balancer:
         monitor: bool = True,
         shared: bool = True,
     ) -> None:
-        check_int("capacity", capacity, 1, 1 << 16)
+        check_int("capacity", capacity, 1, MAX_CAPACITY)
         check_int("max_workers", max_workers, 1, 1 << 16)
         policy = EjectionPolicy.from_seconds(
             failure_threshold,

@@ -423,24 +423,36 @@ class SharedState:
 
     # Membership --------------------------------------------------------------------------
 
+    def _copy_slots(self, blocking: bool = True) -> tuple[int, memoryview, bytearray]:
+        """The membership version, slot fields (as words) and addresses, copied consistently.
+
+        The buffers are allocated before the lock is taken; under it, only two copies run.
+        """
+        lay = self.layout
+        fields_at = slice(lay.field(0) * L.WORD, lay.field(L.SLOT_FIELDS) * L.WORD)
+        addresses_at = slice(lay.addresses, lay.addresses + self._c * L.ADDRESS_BYTES)
+        fields = bytearray(fields_at.stop - fields_at.start)
+        addresses = bytearray(addresses_at.stop - addresses_at.start)
+        source_fields, source_addresses = self._buf[fields_at], self._buf[addresses_at]
+
+        def copy() -> int:
+            fields[:] = source_fields
+            addresses[:] = source_addresses
+            return int(self._words[L.H_VERSION])
+
+        try:
+            version = self._locked(copy, blocking)
+        finally:
+            source_fields.release()
+            source_addresses.release()
+        return version, memoryview(fields).cast("q"), addresses
+
     def membership(self, now: int, blocking: bool = True) -> Membership:
         """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
-        c, lay = self._c, self.layout
-        start, end = lay.field(0), lay.field(L.SLOT_FIELDS)
-        addr_start, addr_end = lay.addresses, lay.addresses + c * L.ADDRESS_BYTES
-
-        def copy() -> tuple[int, bytes, bytes]:
-            words = self._words
-            return (
-                int(words[L.H_VERSION]),
-                self._buf[start * 8 : end * 8].tobytes(),
-                (self._buf[addr_start:addr_end].tobytes()),
-            )
-
-        version, fields, addresses = self._locked(copy, blocking)
+        c = self._c
+        version, f, addresses = self._copy_slots(blocking)
         if version < 0:
             raise SegmentError("the balancer was closed by its owner")
-        f = memoryview(fields).cast("q")
 
         def column(field: int) -> Sequence[int]:
             return f[(field * c) : (field + 1) * c]
@@ -646,19 +658,18 @@ class SharedState:
     # Observation -------------------------------------------------------------------------
 
     def snapshot(self, now: int) -> list[BackendStats]:
-        """Every live backend's numbers, copied under the lock in one pass."""
+        """Every registered backend's numbers: the fields copied under the lock in one pass,
+        the histograms (counters that only grow) read without it."""
         lay, c = self.layout, self._c
-        end = lay.addresses + c * L.ADDRESS_BYTES
-        start = lay.field(0) * L.WORD
-        raw = self._locked(self._buf[start:end].tobytes)
-        data = memoryview(raw)
-        words, floats = data.cast("q"), data.cast("d")
+        _, words, addresses = self._copy_slots()
+        floats = words.cast("b").cast("d")
+        hist_at = lay.histogram * L.WORD
+        histograms = memoryview(self._buf[hist_at : hist_at + c * L.BUCKETS * L.WORD].tobytes())
+        hist = histograms.cast("q")
 
         def at(field: int, slot: int) -> int:
             return int(words[field * c + slot])
 
-        hist0 = L.SLOT_FIELDS * c
-        addr0 = lay.addresses - start
         stats = []
         for slot in range(c):
             if at(L.STATE, slot) == L.FREE:
@@ -667,10 +678,10 @@ class SharedState:
             warm_since = max(until, at(L.ROTATION_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
-            offset = addr0 + slot * L.ADDRESS_BYTES
+            offset = slot * L.ADDRESS_BYTES
             stats.append(
                 BackendStats(
-                    addr=raw[offset + 1 : offset + 1 + raw[offset]].decode(),
+                    addr=addresses[offset + 1 : offset + 1 + addresses[offset]].decode(),
                     weight=at(L.WEIGHT, slot),
                     in_flight=at(L.IN_FLIGHT, slot),
                     requests=at(L.REQUESTS, slot),
@@ -684,9 +695,7 @@ class SharedState:
                     effective_weight=at(L.WEIGHT, slot) * self.policy.warmth(now - warm_since),
                     last_failure=last_failure / 1e9 if last_failure else None,
                     latency_ewma=ewma / 1e9 if ewma > 0 else None,
-                    histogram=tuple(
-                        words[hist0 + slot * L.BUCKETS : hist0 + (slot + 1) * L.BUCKETS]
-                    ),
+                    histogram=tuple(hist[slot * L.BUCKETS : (slot + 1) * L.BUCKETS]),
                     slot=slot,
                 )
             )
