@@ -303,8 +303,13 @@ class WeightedRandom(_Randomised):
         return self._sampler.get(view).one(self._rng)
 
 
-def _zeros(view: View) -> list[float]:
-    return [0.0] * (max(view.slots, default=0) + 1)
+def _staggered(view: View) -> list[float]:
+    """Smooth round-robin state that starts at a random point of the cycle in each process,
+    so workers that all start (or all see a new view) at once do not pick in lockstep."""
+    current = [0.0] * (max(view.slots, default=0) + 1)
+    for slot in view.slots:
+        current[slot] = random.random() * view.weights[slot]
+    return current
 
 
 class LeastLoaded:
@@ -314,14 +319,15 @@ class LeastLoaded:
     smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
     loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
     which is how slow start ramps a new backend even when nothing is in flight). The
-    round-robin state is this process's own and restarts when the view changes.
+    round-robin state is this process's own, restarts when the view changes, and starts at a
+    random point so that processes do not move in lockstep.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._current = _PerView(_zeros)
+        self._current = _PerView(_staggered)
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots, in_flight, weights = view.slots, view.in_flight, view.weights
@@ -351,7 +357,7 @@ class LeastLoaded:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._current = _PerView(_zeros)
+        self._current = _PerView(_staggered)
 
 
 class PowerOfTwo(_Randomised):

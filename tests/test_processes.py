@@ -195,3 +195,17 @@ def test_owner_exit_unlinks_without_tracker_warnings() -> None:
     assert calls == "10"
     assert not os.path.exists(f"/dev/shm/{name}")
     assert done.stderr == ""
+
+
+def test_least_loaded_workers_do_not_start_in_lockstep() -> None:
+    """Eight workers that each make their first pick on an idle pool do not all pick alike."""
+    ctx = multiprocessing.get_context("fork")
+    with Balancer(ADDRS + ["10.0.0.4:80"], backend_factory=Echo, strategy="least_loaded") as b:
+        b.snapshot()
+        for _ in range(8):
+            child = ctx.Process(target=helpers.call_many, args=(b, 1))
+            child.start()
+            child.join(30)
+            assert child.exitcode == 0
+        used = [s.addr for s in b.snapshot() if s.requests]
+        assert len(used) >= 2  # all eight alike has odds of 4 x (1/4)**8, about 1 in 16,000
