@@ -27,7 +27,7 @@ from . import monitor as _monitor
 from . import segment, workers
 from .address import parse_address
 from .backends import Backend, HttpBackend
-from .checks import check_int, check_seconds
+from .checks import MAX_WEIGHT, check_int, check_seconds
 from .errors import (
     CapacityExceeded,
     DispatcherError,
@@ -53,7 +53,6 @@ from .strategies import STRATEGIES, Strategy, make_strategy
 
 BackendFactory = Callable[[str], Backend]
 
-MAX_WEIGHT = 1_000_000
 MAX_CAPACITY = 4096
 """Copies and scans under the lock grow with capacity: at 4096 they stay near 100 us."""
 MAX_RETRIES = 100

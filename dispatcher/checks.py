@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+MAX_WEIGHT = 1_000_000
+"""Largest backend weight: far above any real ratio, small enough for exact float shares."""
+
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
     """`value` if it is an int (not a bool) in [low, high]; TypeError or ValueError otherwise."""

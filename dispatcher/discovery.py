@@ -3,7 +3,7 @@
 A resolver turns a source (a fixed list, DNS, etcd) into a stream of *full* answers, each a
 ``{canonical address: weight}`` dict, never deltas: a full answer can be compared with the last
 one and reconciled against the balancer whatever happened in between (a missed event, a
-restarted registry, a second process editing the membership). When the source cannot answer,
+restarted registry). When the source cannot answer,
 the resolver yields the exception instead, and `Discovery` keeps the last good answer: a
 registry that blinks must never empty the pool. A source that answers fine with no instances
 is believed, as Envoy's strict DNS and EDS clusters believe it: every backend is drained.
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import urllib3
 
 from .address import parse_address
+from .checks import MAX_WEIGHT
 from .errors import (
     CapacityExceeded,
     DispatcherError,
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
     from .balancer import Balancer
 
 log = logging.getLogger("dispatcher.discovery")
-
-MAX_WEIGHT = 1_000_000
 
 
 class Stop:

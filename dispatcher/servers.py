@@ -27,8 +27,7 @@ from typing import Any
 
 from .backends import HttpBackend
 from .balancer import BackendFactory, Balancer, _balancers
-from .checks import check_seconds
-from .errors import DispatcherError, SegmentError
+from .errors import DispatcherError
 
 ENV_VAR = "DISPATCHER_BALANCER"
 """The environment variable that carries a shared balancer's segment name to workers."""
@@ -78,49 +77,23 @@ def attach_from_env(
 
 @contextlib.contextmanager
 def shared_balancer(
-    addrs: Iterable[str] = (),
-    *,
-    env: str = ENV_VAR,
-    reap_interval: float | None = 1.0,
-    **options: Any,
+    addrs: Iterable[str] = (), *, env: str = ENV_VAR, **options: Any
 ) -> Iterator[Balancer]:
     """Own a balancer for the life of a server whose workers attach with `attach_from_env`.
 
     Sets ``os.environ[env]`` (restored on exit) so children started inside inherit the
-    name. A server that does not tell its parent when a worker dies (uvicorn) gets a thread
-    here that calls `Balancer.reap` every `reap_interval` seconds; None turns it off.
+    name. A server that does not tell its parent when a worker dies (uvicorn) needs nothing
+    more: the balancer's monitor process reclaims a dead worker's calls on its own.
     `options` are `Balancer`'s keyword arguments.
     """
-    if reap_interval is not None:
-        check_seconds("reap_interval", reap_interval)
     balancer = Balancer(addrs, **options)
     previous = os.environ.get(env)
     os.environ[env] = balancer.name
-    stop = threading.Event()
-    reaper = None
-    if reap_interval is not None:
-        reaper = threading.Thread(
-            target=_reap_until, args=(balancer, stop, reap_interval), daemon=True
-        )
-        reaper.start()
     try:
         yield balancer
     finally:
-        stop.set()
-        if reaper is not None:
-            reaper.join(reap_interval)
         if previous is None:
             os.environ.pop(env, None)
         else:
             os.environ[env] = previous
         balancer.close()
-
-
-def _reap_until(balancer: Balancer, stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        try:
-            balancer.reap()
-        except SegmentError:
-            return
-        except Exception:
-            log.exception("reaping dead workers of %s failed", balancer.name)

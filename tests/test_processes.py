@@ -200,7 +200,7 @@ def test_owner_exit_unlinks_without_tracker_warnings() -> None:
 def test_least_loaded_workers_do_not_start_in_lockstep() -> None:
     """Eight workers that each make their first pick on an idle pool do not all pick alike."""
     ctx = multiprocessing.get_context("fork")
-    with Balancer(ADDRS + ["10.0.0.4:80"], backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer([*ADDRS, "10.0.0.4:80"], backend_factory=Echo, strategy="least_loaded") as b:
         b.snapshot()
         for _ in range(8):
             child = ctx.Process(target=helpers.call_many, args=(b, 1))
