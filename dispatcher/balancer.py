@@ -451,6 +451,34 @@ class Balancer:
         return self._owner_pid == os.getpid()
 
     @property
+    def owner_pid(self) -> int:
+        """The pid of the process that created the balancer (and owns its segment)."""
+        return int(self._live_state().words[L.H_OWNER_PID])
+
+    @property
+    def strategy_name(self) -> str:
+        """The owner's strategy, by name ("" for a custom strategy object)."""
+        return L.read_name(self._live_state().buffer, L.H_STRATEGY_NAME)
+
+    @property
+    def closed(self) -> bool:
+        """Whether this handle was closed (in this process)."""
+        return self._closed
+
+    @property
+    def closed_by_owner(self) -> bool:
+        """Whether the owner closed the balancer: its segment is gone, its numbers frozen."""
+        return self._live_state().version() < 0
+
+    @property
+    def backend_factory(self) -> BackendFactory:
+        return self._factory
+
+    def workers(self) -> list[int]:
+        """Pids of the live processes that have picked through this balancer."""
+        return [pid for _, pid, start in self._live_state().rows() if workers.is_alive(pid, start)]
+
+    @property
     def strategy(self) -> Strategy:
         return self._strategy
 

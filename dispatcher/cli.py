@@ -18,7 +18,6 @@ import psutil
 from rich.console import Console
 
 from . import demo
-from .balancer import Balancer
 from .dashboard import Sampler, Screen, open_target, render
 from .errors import SegmentError
 from .strategies import STRATEGIES
@@ -162,25 +161,18 @@ def top(
 ) -> int:
     """Show the live state of the balancer named `target` (or owned by pid `target`)."""
     try:
-        reader = open_target(target)
+        balancer = open_target(target)
     except SegmentError as exc:
         console.print(f"dispatcher top: {exc}", highlight=False)
         return 1
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(reader)
-        try:
-            # Any strategy will do: top never picks. The owner's name is shown as it is.
-            balancer = Balancer.attach(reader.name, strategy=next(iter(STRATEGIES)))
-        except SegmentError as exc:
-            console.print(f"dispatcher top: {exc}", highlight=False)
-            return 1
-        stack.enter_context(balancer)
+    with balancer:
+        owner = balancer.owner_pid
         sampler = Sampler(
             balancer.snapshot,
-            reader.worker_pids,
+            balancer.workers,
             title="dispatcher top",
-            source=f"{reader.name} (owner pid {reader.owner_pid})",
-            strategy=reader.strategy,
+            source=f"{balancer.name} (owner pid {owner})",
+            strategy=balancer.strategy_name,
         )
         if once:
             sampler.sample()
@@ -188,14 +180,14 @@ def top(
             console.print(render(sampler.sample()))
             return 0
         with Screen(console) as screen:
-            while not stop.is_set() and not reader.closed and psutil.pid_exists(reader.owner_pid):
+            while not stop.is_set() and not balancer.closed_by_owner and psutil.pid_exists(owner):
                 screen.show(sampler.sample())
                 stop.wait(interval)
-        if reader.closed:
-            console.print(f"dispatcher top: {reader.name} was closed by its owner")
+        if balancer.closed_by_owner:
+            console.print(f"dispatcher top: {balancer.name} was closed by its owner")
         elif not stop.is_set():
             console.print(
-                f"dispatcher top: the owner of {reader.name} (pid {reader.owner_pid}) exited "
+                f"dispatcher top: the owner of {balancer.name} (pid {owner}) exited "
                 "without closing it"
             )
     return 0

@@ -12,8 +12,8 @@ Three parts, so the picture can be tested without processes or a terminal:
   a view redrawn in place would be pushed down by each of their lines.
 
 `top` watches a server that may be any process: `find_by_owner` finds a balancer's segment from
-its owner's pid, and `SegmentReader` reads the worker rows of the header without taking the
-balancer's lock or a worker row.
+its owner's pid, and `open_target` attaches to it; a watcher never picks, so it claims no
+worker row and changes no count.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import psutil
 from rich.bar import Bar
@@ -34,6 +33,7 @@ from rich.text import Text
 
 from . import layout as L
 from . import segment
+from .balancer import Balancer
 from .errors import SegmentError
 from .latency import percentile_ns
 from .state import BackendStats
@@ -339,71 +339,14 @@ def find_by_owner(pid: int, directory: str = "/dev/shm") -> list[str]:
     return found
 
 
-class SegmentReader:
-    """Reads a balancer segment's header and worker rows, without its lock or a worker row."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._shm = segment.attach(name)
-        try:
-            buf = segment.buffer(self._shm)
-            words = buf.cast("q")
-            try:
-                self._layout = L.read_layout(words, name, self._shm.size)
-                self.owner_pid = int(words[L.H_OWNER_PID])
-            finally:
-                words.release()
-            self.strategy = L.read_name(buf, L.H_STRATEGY_NAME)
-        except BaseException:
-            self._shm.close()
-            raise
-
-    def _read(self, read: Callable[[memoryview], Any]) -> Any:
-        words = segment.buffer(self._shm).cast("q")
-        try:
-            return read(words)
-        finally:
-            words.release()
-
-    @property
-    def closed(self) -> bool:
-        """Whether the owner closed the balancer (its segment is unlinked, numbers frozen)."""
-        return bool(self._read(lambda words: words[L.H_VERSION] < 0))
-
-    def worker_pids(self) -> list[int]:
-        """Pids of the processes holding a worker row that still run."""
-        lay = self._layout
-
-        def pids(words: memoryview) -> list[int]:
-            rows = (lay.workers + row * lay.worker_stride for row in range(lay.max_workers))
-            return [int(words[r + L.W_PID]) for r in rows if words[r + L.W_PID]]
-
-        alive = []
-        for pid in self._read(pids):
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.Error:
-                continue
-        return alive
-
-    def close(self) -> None:
-        self._shm.close()
-
-    def __enter__(self) -> SegmentReader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def open_target(target: str) -> SegmentReader:
-    """A reader for a segment given by name, or by its owner's pid if `target` is a number."""
-    if not target.isdigit():
-        return SegmentReader(target)
-    names = find_by_owner(int(target))
-    if not names:
-        raise SegmentError(f"process {target} owns no open dispatcher balancer")
-    if len(names) > 1:
-        raise SegmentError(f"process {target} owns several balancers, name one: {names}")
-    return SegmentReader(names[0])
+def open_target(target: str) -> Balancer:
+    """Attach to a balancer given by segment name, or by its owner's pid if `target` is a
+    number. Any strategy will do: a watcher never picks."""
+    if target.isdigit():
+        names = find_by_owner(int(target))
+        if not names:
+            raise SegmentError(f"process {target} owns no open dispatcher balancer")
+        if len(names) > 1:
+            raise SegmentError(f"process {target} owns several balancers, name one: {names}")
+        target = names[0]
+    return Balancer.attach(target, strategy="round_robin")

@@ -71,7 +71,7 @@ def configure(addrs: Iterable[str] = (), **options: Any) -> None:
     wanted = tuple(parse_address(addr) for addr in addrs)
     _master.addrs, _master.options, _master.config_pid = wanted, dict(options), os.getpid()
     current = _master.balancer
-    if current is not None and current.is_owner and not current._closed:
+    if current is not None and current.is_owner and not current.closed:
         _adopt(current, wanted)
 
 
@@ -92,7 +92,7 @@ def _adopt(balancer: Balancer, wanted: tuple[str, ...]) -> None:
 def balancer() -> Balancer:
     """The balancer shared by this gunicorn master and all its workers."""
     current = _master.balancer
-    if current is not None and not current._closed:
+    if current is not None and not current.closed:
         return current
     if _master.addrs is not None and _master.config_pid == os.getpid():
         made = _master.balancer = Balancer(_master.addrs, **_master.options)
@@ -135,7 +135,7 @@ def post_fork(server: Any, worker: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     """Master, after any worker ended: reclaim the in-flight calls of dead workers."""
     current = _master.balancer
-    if current is None or current._closed:
+    if current is None or current.closed:
         return
     try:
         current.reap()

@@ -90,7 +90,7 @@ def run(spec: Spec) -> None:
     probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") if health else None
     next_probe = time.monotonic()
     try:
-        while os.getppid() == spec.owner_pid and balancer._state.version() >= 0:
+        while os.getppid() == spec.owner_pid and not balancer.closed_by_owner:
             dead = balancer.reap()
             if dead:
                 log.warning("reclaimed the calls in flight of %d dead worker(s)", dead)

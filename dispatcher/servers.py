@@ -60,14 +60,14 @@ def attach_from_env(
     for existing in list(_balancers):
         if (
             existing.name == name
-            and not existing._closed
-            and backend_factory in (None, existing._factory)
+            and not existing.closed
+            and backend_factory in (None, existing.backend_factory)
         ):
             return existing
     key = (name, os.getpid(), backend_factory)
     with _attach_lock:
         balancer = _attached.get(key)
-        if balancer is None or balancer._closed:
+        if balancer is None or balancer.closed:
             balancer = Balancer.attach(
                 name, backend_factory=backend_factory or HttpBackend, strategy=strategy
             )

@@ -18,7 +18,6 @@ from dispatcher.cli import build_parser
 from dispatcher.dashboard import (
     Frame,
     Sampler,
-    SegmentReader,
     WorkerInfo,
     backend_state,
     find_by_owner,
@@ -156,16 +155,16 @@ def test_find_by_owner_and_worker_rows() -> None:
     with Balancer(["127.0.0.1:7201"], backend_factory=Echo) as balancer:
         balancer.invoke(None)
         assert balancer.name in find_by_owner(os.getpid())
-        with open_target(balancer.name) as reader:
-            assert reader.owner_pid == os.getpid()
-            assert reader.worker_pids() == [os.getpid()]
-            assert not reader.closed
+        with open_target(balancer.name) as watcher:
+            assert watcher.owner_pid == os.getpid()
+            assert watcher.workers() == [os.getpid()]
+            assert not watcher.closed_by_owner
         name = balancer.name
     assert name not in find_by_owner(os.getpid())
     with pytest.raises(SegmentError, match="owns no"):
         open_target(str(os.getpid()))
     with pytest.raises(SegmentError):
-        SegmentReader(name)
+        open_target(name)
 
 
 def test_top_reports_a_balancer_owned_by_another_process() -> None:
