@@ -52,12 +52,12 @@ H_EJECTION_MAX_NS = 12
 H_MAX_EJECTED_PERCENT = 13
 H_SLOW_START_NS = 14
 H_PANIC_PERCENT = 15
-H_RETRIES = 32
-"""Retries under way in all processes, against the shared retry budget."""
 H_LOCK_NAME = 16
 """Start of the lock's semaphore name (NAME_BYTES bytes, length-prefixed)."""
 H_STRATEGY_NAME = 24
 """Start of the owner's strategy name (NAME_BYTES bytes), so attach-by-name can reuse it."""
+H_RETRIES = 32
+"""Retries under way in all processes, against the shared retry budget."""
 
 # Per-slot fields, in order; each is a run of `capacity` words.
 STATE = 0

@@ -331,6 +331,7 @@ class SharedState:
         view. Not `blocking`: raises `LockBusy` if the lock stays taken for a few tries.
         """
         words = self._words
+        # `_lock`/`_unlock`, written out: this and `finish` are the two holds of every call.
         if not self._acquire(False):
             self._contended(blocking)
         try:
