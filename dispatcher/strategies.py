@@ -331,14 +331,17 @@ class LeastLoaded:
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots, in_flight, weights = view.slots, view.in_flight, view.weights
-        best = slots[0]
-        low = in_flight[best] / weights[best]
+        best, low, ties = slots[0], math.inf, 0
         for slot in slots:
             load = in_flight[slot] / weights[slot]
             if load < low:
-                best, low = slot, load
+                best, low, ties = slot, load, 1
+            elif load == low:
+                ties += 1
+        if ties == 1:
+            return best
         current = self._current.get(view)
-        chosen, top, total = -1, -math.inf, 0.0
+        chosen, top, total = best, -math.inf, 0.0
         for slot in slots:
             if in_flight[slot] / weights[slot] == low:
                 weight = weights[slot]
@@ -347,9 +350,8 @@ class LeastLoaded:
                 total += weight
                 if value > top:
                     chosen, top = slot, value
-        if chosen < 0:
-            # Counts moved between the two passes (other processes); the first answer stands.
-            return best
+        # Counts may have moved between the two passes (other processes): `chosen` then
+        # falls back to the first pass's answer, with the cycle's state still consistent.
         current[chosen] -= total
         return chosen
 
