@@ -123,8 +123,9 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def get(self, path: str) -> str:
-        answer = self.http.request("GET", self.url(path))
+    def get(self, path: str, close: bool = False) -> str:
+        headers = {"Connection": "close"} if close else None
+        answer = self.http.request("GET", self.url(path), headers=headers)
         assert answer.status == 200, answer.data
         return str(answer.data.decode())
 
@@ -141,9 +142,11 @@ class Server:
                 time.sleep(0.1)
 
     def drive(self, path: str, calls: int, threads: int = 8) -> list[tuple[int, str]]:
-        """`calls` concurrent requests; (worker pid, backend port) of each answer."""
+        """`calls` concurrent requests, each on a new connection so that every worker gets
+        some (a kept-alive connection stays with the worker that accepted it); (worker pid,
+        backend port) of each answer."""
         with ThreadPoolExecutor(threads) as pool:
-            answers = list(pool.map(lambda _: self.get(path), range(calls)))
+            answers = list(pool.map(lambda _: self.get(path, close=True), range(calls)))
         return [(int(pid), port) for pid, port in (a.split() for a in answers)]
 
     def workers(self) -> set[int]:
