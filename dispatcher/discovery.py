@@ -18,6 +18,7 @@ Resolvers hold only their configuration (connections are made inside `watch`), s
 
 from __future__ import annotations
 
+import abc
 import base64
 import json
 import logging
@@ -102,7 +103,7 @@ class Resolver(Protocol):
     def watch(self, stop: Stop) -> Iterator[Answer | Exception]: ...
 
 
-class PollingResolver:
+class PollingResolver(abc.ABC):
     """A resolver that asks its source again every `interval` seconds.
 
     Subclasses implement ``resolve()``; ``_poll()`` may also return a shorter delay (a TTL).
@@ -110,9 +111,9 @@ class PollingResolver:
 
     interval: float = 30.0
 
+    @abc.abstractmethod
     def resolve(self) -> Answer:
         """Ask the source once; raise if it cannot answer."""
-        raise NotImplementedError
 
     def _poll(self) -> tuple[Answer, float]:
         return self.resolve(), self.interval
