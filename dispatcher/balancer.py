@@ -44,6 +44,7 @@ from .state import (
     FAILURE,
     SUCCESS,
     BackendStats,
+    LockBusy,
     LockLike,
     Membership,
     SharedState,
@@ -325,7 +326,7 @@ class Balancer:
                 membership = self._refresh(now, blocking)
                 view = membership.view
             if not view.slots:
-                raise NoBackendAvailable(self._why_none())
+                raise NoBackendAvailable(self._why_none() if blocking else "no eligible backend")
             cursor = words[H_CURSOR] if self._uses_cursor else -1
             slot = strategy.pick(view, cursor, key)
             if exclude and slot in exclude:
@@ -368,6 +369,8 @@ class Balancer:
             if start is None:
                 raise DispatcherError(f"cannot read the start time of this process ({pid})")
             row = state.claim_row(pid, start, blocking)
+            if row < 0 and not blocking:
+                raise LockBusy  # reaping rows may take the lock for long: let a thread do it
             if row < 0 and self.reap():
                 row = state.claim_row(pid, start)
             if row < 0:
@@ -425,12 +428,16 @@ class Balancer:
         """Every registered backend's numbers, as every attached process sees them."""
         return self._live_state().snapshot(monotonic_ns())
 
-    def reap(self) -> int:
-        """Reclaim the in-flight counts of worker processes that died; return how many died."""
+    def reap(self, *, blocking: bool = True) -> int:
+        """Reclaim the in-flight counts of worker processes that died; return how many died.
+
+        Not `blocking` (from a signal handler, which may have interrupted this very process
+        inside the lock): raise `LockBusy` rather than wait for the lock.
+        """
         state = self._live_state()
         dead = 0
         for row, pid, start in state.rows():
-            if not workers.is_alive(pid, start) and state.reap(row, pid, start):
+            if not workers.is_alive(pid, start) and state.reap(row, pid, start, blocking):
                 dead += 1
         return dead
 
@@ -497,9 +504,11 @@ class Balancer:
         self._membership = _NO_VIEW
         with self._local_lock:
             proxies, self._proxies = self._proxies, {}
-        for proxy in proxies.values():
-            _close_proxy(proxy)
-        self._finalizer()
+        try:
+            for proxy in proxies.values():
+                _close_proxy(proxy)
+        finally:
+            self._finalizer()
 
     def __enter__(self) -> Balancer:
         return self

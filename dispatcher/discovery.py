@@ -470,10 +470,15 @@ class EtcdResolver:
             pool,
             f"{url}/v3/watch",
             {"create_request": request},
-            timeout=urllib3.Timeout(connect=self.timeout, read=None),
+            # Bounded until the headers arrive (a server that accepts and never answers must
+            # not hold `stop` up); then the stream may be quiet for as long as nothing changes.
+            timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
             preload_content=False,
         )
         try:
+            sock = getattr(getattr(response, "connection", None), "sock", None)
+            if sock is not None:
+                sock.settimeout(None)
             if response.status != 200:
                 body = response.read(200)
                 raise EtcdError(f"{url}: watch answered {response.status}: {body!r}")

@@ -42,6 +42,7 @@ from .address import parse_address
 from .balancer import Balancer
 from .errors import DispatcherError, UnknownBackend
 from .servers import ENV_VAR
+from .state import LockBusy
 
 log = logging.getLogger("dispatcher")
 
@@ -133,12 +134,19 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, after any worker ended: reclaim the in-flight calls of dead workers."""
+    """Master, after any worker ended: reclaim the in-flight calls of dead workers.
+
+    Some gunicorn versions call this from their SIGCHLD handler, which may have interrupted
+    the master inside the shared lock: reaping never waits for the lock here. A round that
+    finds it taken is left to the next worker exit, or to the balancer's monitor process.
+    """
     current = _master.balancer
     if current is None or current.closed:
         return
     try:
-        current.reap()
+        current.reap(blocking=False)
+    except LockBusy:
+        log.info("dispatcher: the shared lock was busy; reaping is left to the monitor")
     except Exception:
         log.exception("dispatcher: reaping after worker %s exited failed", worker.pid)
 

@@ -22,7 +22,9 @@ class HealthCheck:
     """How to probe each backend: an HTTP ``GET path``, or `check(addr) -> bool`.
 
     A `check` callable must be picklable (a module-level function): it runs in the monitor
-    process. A probe passes on a 2xx or 3xx answer within `timeout` seconds.
+    process. An HTTP probe passes on a 2xx or 3xx answer within `timeout` seconds in all; a
+    `check` is not bounded by `timeout` (it runs on the monitor's probe threads, and a slow one
+    only delays the next round of probes, never the reaping of dead workers).
     """
 
     path: str = "/"
@@ -41,6 +43,11 @@ class HealthCheck:
         check_int("fall", self.fall, 1, 1000)
         if self.check is not None and not callable(self.check):
             raise TypeError("check must be callable as check(addr) -> bool")
+        if self.check is not None and getattr(self.check, "__module__", None) == "__main__":
+            raise TypeError(
+                "check must be importable by the monitor process: define it in a module, "
+                "not in __main__"
+            )
         if self.check is not None:
             try:
                 pickle.dumps(self.check)
@@ -63,7 +70,7 @@ class HealthCheck:
 def http_probe(addr: str, path: str, timeout: float) -> bool:
     host, _, port = addr.rpartition(":")
     with urllib3.HTTPConnectionPool(host.strip("[]"), int(port), retries=False) as pool:
-        answer = pool.request("GET", path, timeout=timeout, redirect=False)
+        answer = pool.request("GET", path, timeout=urllib3.Timeout(total=timeout), redirect=False)
     return 200 <= answer.status < 400
 
 

@@ -25,7 +25,8 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from .balancer import Balancer
 
 REAP_INTERVAL_S = 0.5
-"""How often dead workers are looked for: a dead worker's counts are reclaimed within 1 s."""
+"""How often dead workers are looked for: a dead worker's counts are reclaimed within 1 s,
+whatever the health probes are doing."""
 
 log = logging.getLogger("dispatcher.monitor")
 
@@ -77,7 +79,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def run(spec: Spec) -> None:
-    """The monitor's loop: reap, probe when due, sleep until the next step or SIGTERM."""
+    """The monitor's loop: reap, start a probe round when due, sleep until the next step.
+
+    Probe rounds run on a thread of their own, so a slow or hanging probe never delays
+    reaping; a round still running when the next is due makes that one wait.
+    """
     from .balancer import Balancer  # noqa: PLC0415 - balancer.py imports this module
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -87,22 +93,27 @@ def run(spec: Spec) -> None:
         return  # the owner closed the balancer before this process was up
     health = spec.health
     tracker = HealthTracker(health.rise, health.fall) if health else None
-    probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe") if health else None
+    probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
+    rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round")
+    current: Future[None] | None = None
     next_probe = time.monotonic()
     try:
         while os.getppid() == spec.owner_pid and not balancer.closed_by_owner:
             dead = balancer.reap()
             if dead:
                 log.warning("reclaimed the calls in flight of %d dead worker(s)", dead)
-            if health and tracker and probes and time.monotonic() >= next_probe:
+            due = health is not None and time.monotonic() >= next_probe
+            if health and tracker and due and (current is None or current.done()):
                 next_probe = time.monotonic() + health.interval
-                check_all(balancer, health, tracker, probes)
+                current = rounds.submit(check_all, balancer, health, tracker, probes)
             wait = min(REAP_INTERVAL_S, max(next_probe - time.monotonic(), 0.01))
             if signal.sigtimedwait({signal.SIGTERM}, wait if health else REAP_INTERVAL_S):
                 break
     finally:
-        if probes:
-            probes.shutdown(wait=False, cancel_futures=True)
+        rounds.shutdown(wait=False, cancel_futures=True)
+        probes.shutdown(wait=False, cancel_futures=True)
+        if current is not None and health is not None:
+            wait_for_futures([current], timeout=2 * health.timeout)
         balancer.close()
 
 
@@ -111,7 +122,10 @@ def check_all(
 ) -> None:
     """Probe every registered backend at once, then record each verdict."""
     addrs = [stats.addr for stats in balancer.snapshot() if not stats.draining]
-    results = list(probes.map(health.probe, addrs))
+    try:
+        results = list(probes.map(health.probe, addrs))
+    except RuntimeError:
+        return  # the monitor is shutting down
     tracker.forget(set(addrs))
     for addr, passed in zip(addrs, results, strict=True):
         down = tracker.observe(addr, passed)

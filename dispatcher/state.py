@@ -733,7 +733,7 @@ class SharedState:
                 found.append((row, pid, int(words[head + L.W_START])))
         return found
 
-    def reap(self, row: int, pid: int, start: int) -> bool:
+    def reap(self, row: int, pid: int, start: int, blocking: bool = True) -> bool:
         """Subtract a dead process's in-flight calls and free its row, if it still owns it."""
 
         def update() -> bool:
@@ -752,7 +752,7 @@ class SharedState:
             words[head + L.W_PID] = 0
             return True
 
-        return self._locked(update)
+        return self._locked(update, blocking)
 
     def repair(self) -> None:
         """Recompute everything derived, as after a process died in the middle of an update."""

@@ -210,3 +210,9 @@ def own_balancer(addrs: list[str], calls: int) -> None:
             balancer.invoke(None)
         print(balancer.name, flush=True)
         sys.stdin.read()
+
+
+def slow_check(addr: str) -> bool:
+    """A health check that takes far longer than the reaper's interval."""
+    time.sleep(5)
+    return True

@@ -192,6 +192,7 @@ def test_a_call_cancelled_while_its_pick_waits_for_the_lock_leaves_nothing_in_fl
                 await asyncio.sleep(0.01)
                 if balancer._state.cursor() == 1 and totals(balancer)[2] == 0:
                     break
+            assert balancer._state.cursor() == 1  # the abandoned pick did commit
 
         try:
             asyncio.run(main())

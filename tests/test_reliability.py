@@ -248,3 +248,44 @@ def test_a_health_check_that_cannot_reach_the_monitor_leaves_nothing_behind() ->
     with pytest.raises((AttributeError, pickle.PicklingError)):
         Balancer(ADDRS, backend_factory=Echo, health_check=check)
     assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dispatcher_")}
+
+
+def test_slow_health_probes_do_not_delay_reaping() -> None:
+    ctx = multiprocessing.get_context("fork")
+    gate = ctx.Event()
+    check = HealthCheck(interval=0.05, timeout=10, check=helpers.slow_check)
+    with Balancer(ADDRS, backend_factory=Echo, health_check=check) as b:
+        child = ctx.Process(target=helpers.hold_one_call, args=(b, gate))
+        child.start()
+        wait_for(lambda: in_flight(b) == 1, timeout=30)
+        time.sleep(0.3)  # a probe round (5 s) is under way in the monitor by now
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(10)
+        wait_for(lambda: in_flight(b) == 0, timeout=2.0)
+
+
+def test_a_health_check_from_main_is_refused() -> None:
+    def check(addr: str) -> bool:
+        return True
+
+    check.__module__ = "__main__"
+    with pytest.raises(TypeError, match="__main__"):
+        HealthCheck(check=check)
+
+
+def test_reaping_from_a_signal_handler_never_waits_for_its_own_lock() -> None:
+    from dispatcher.state import LockBusy
+
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: claims a row, then dies without closing
+            b.invoke(None)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        b._state._lock(time.monotonic_ns())  # as if a handler interrupted this process in it
+        try:
+            with pytest.raises(LockBusy):
+                b.reap(blocking=False)
+        finally:
+            b._state._unlock()
+        assert b.reap(blocking=False) == 1
