@@ -25,6 +25,7 @@ import multiprocessing.util
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -115,7 +116,7 @@ class WorkerPool:
         self._context = mp_context
         self._lock = threading.Lock()
         self._closed = False
-        self._retired: set[ProcessPoolExecutor] = set()
+        self._retired: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
