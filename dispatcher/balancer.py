@@ -335,7 +335,9 @@ class Balancer:
             if addr is None:
                 raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
             # The proxy exists before the call is counted: a factory that raises counts nothing.
-            proxy = self._proxies.get(addr) or self._proxy(addr)
+            proxy = self._proxies.get(addr)
+            if proxy is None:
+                proxy = self._proxy(addr)
             generation = commit(view.version, slot, cursor, self._row_base, now, blocking)
             if generation >= 0:
                 return slot, generation, proxy

@@ -11,14 +11,13 @@ Three parts, so the picture can be tested without processes or a terminal:
   because other processes write to the same terminal (the balancer's monitor logs to stderr):
   a view redrawn in place would be pushed down by each of their lines.
 
-`top` watches a server that may be any process: `find_by_owner` finds a balancer's segment from
-its owner's pid, and `open_target` attaches to it; a watcher never picks, so it claims no
-worker row and changes no count.
+`top` watches a server that may be any process: `segment.find_by_owner` finds a balancer's
+segment from its owner's pid, and `open_target` attaches to it; a watcher never picks, so it
+claims no worker row and changes no count.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +30,6 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import layout as L
 from . import segment
 from .balancer import Balancer
 from .errors import SegmentError
@@ -320,30 +318,11 @@ class Screen:
 # Reading a running server ------------------------------------------------------------------
 
 
-def find_by_owner(pid: int, directory: str = "/dev/shm") -> list[str]:
-    """Names of the open balancer segments that process `pid` created (Linux: /dev/shm)."""
-    found = []
-    for name in sorted(os.listdir(directory)):
-        if not name.startswith(segment.NAME_PREFIX):
-            continue
-        try:
-            with open(os.path.join(directory, name), "rb") as file:
-                head = file.read(L.HEADER_WORDS * L.WORD)
-        except OSError:
-            continue
-        if len(head) < L.HEADER_WORDS * L.WORD:
-            continue
-        words = memoryview(head).cast("q")
-        if words[L.H_MAGIC] == L.MAGIC and words[L.H_OWNER_PID] == pid and words[L.H_VERSION] >= 0:
-            found.append(name)
-    return found
-
-
 def open_target(target: str) -> Balancer:
     """Attach to a balancer given by segment name, or by its owner's pid if `target` is a
     number. Any strategy will do: a watcher never picks."""
     if target.isdigit():
-        names = find_by_owner(int(target))
+        names = segment.find_by_owner(int(target))
         if not names:
             raise SegmentError(f"process {target} owns no open dispatcher balancer")
         if len(names) > 1:

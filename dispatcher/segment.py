@@ -10,6 +10,7 @@ does not work: the tracker is shared with the creator and would drop the creator
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
+from . import layout as L
 from .errors import SegmentError
 
 NAME_PREFIX = "dispatcher_"
@@ -66,6 +68,29 @@ def buffer(shm: shared_memory.SharedMemory) -> memoryview:
     if buf is None:
         raise SegmentError(f"shared memory {shm.name!r} is closed")
     return buf
+
+
+def find_by_owner(pid: int, *, closed: bool = False, directory: str = "/dev/shm") -> list[str]:
+    """Names of the balancer segments process `pid` created; closed ones too if `closed`."""
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith(NAME_PREFIX):
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as file:
+                head = file.read(L.HEADER_WORDS * L.WORD)
+        except OSError:
+            continue
+        if len(head) < L.HEADER_WORDS * L.WORD:
+            continue
+        words = memoryview(head).cast("q")
+        if (
+            words[L.H_MAGIC] == L.MAGIC
+            and words[L.H_OWNER_PID] == pid
+            and (closed or words[L.H_VERSION] >= 0)
+        ):
+            found.append(name)
+    return found
 
 
 def path(shm: shared_memory.SharedMemory | None) -> str | None:

@@ -279,11 +279,9 @@ class WeightedRoundRobin:
         schedule = self._schedule.get(view)
         return schedule[cursor % len(schedule)]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._schedule = _PerView(_schedule)
+    def __reduce__(self) -> tuple[type[Any], tuple[()]]:
+        """Pickled as its class alone: the receiving process builds its own caches."""
+        return (type(self), ())
 
 
 class WeightedRandom(_Randomised):
@@ -355,11 +353,9 @@ class LeastLoaded:
         current[chosen] -= total
         return chosen
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._current = _PerView(_staggered)
+    def __reduce__(self) -> tuple[type[Any], tuple[()]]:
+        """Pickled as its class alone: the receiving process builds its own caches."""
+        return (type(self), ())
 
 
 class PowerOfTwo(_Randomised):

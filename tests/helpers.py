@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -216,3 +217,15 @@ def slow_check(addr: str) -> bool:
     """A health check that takes far longer than the reaper's interval."""
     time.sleep(5)
     return True
+
+
+def run_python(script: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a fresh interpreter from the repository root, warnings as errors."""
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )

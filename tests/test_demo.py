@@ -13,14 +13,13 @@ import psutil
 import pytest
 from rich.console import Console
 
-from dispatcher import Balancer
+from dispatcher import Balancer, segment
 from dispatcher.cli import build_parser
 from dispatcher.dashboard import (
     Frame,
     Sampler,
     WorkerInfo,
     backend_state,
-    find_by_owner,
     open_target,
     plain_line,
     render,
@@ -154,13 +153,13 @@ def test_sampler_rates_and_event_log() -> None:
 def test_find_by_owner_and_worker_rows() -> None:
     with Balancer(["127.0.0.1:7201"], backend_factory=Echo) as balancer:
         balancer.invoke(None)
-        assert balancer.name in find_by_owner(os.getpid())
+        assert balancer.name in segment.find_by_owner(os.getpid())
         with open_target(balancer.name) as watcher:
             assert watcher.owner_pid == os.getpid()
             assert watcher.workers() == [os.getpid()]
             assert not watcher.closed_by_owner
         name = balancer.name
-    assert name not in find_by_owner(os.getpid())
+    assert name not in segment.find_by_owner(os.getpid())
     with pytest.raises(SegmentError, match="owns no"):
         open_target(str(os.getpid()))
     with pytest.raises(SegmentError):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -151,14 +149,7 @@ def test_an_unrelated_process_attaching_by_name_never_unlinks_the_segment() -> N
             """
         )
         for _ in range(2):
-            done = subprocess.run(
-                [sys.executable, "-W", "error", "-c", script],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=os.path.dirname(os.path.dirname(__file__)),
-            )
+            done = helpers.run_python(script)
             assert done.returncode == 0, done.stderr
             assert done.stdout.strip() in ADDRS
             assert "leaked" not in done.stderr and "Traceback" not in done.stderr
@@ -182,14 +173,7 @@ def test_owner_exit_unlinks_without_tracker_warnings() -> None:
             print(b.name, sum(s.requests for s in b.snapshot()))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-    )
+    done = helpers.run_python(script)
     assert done.returncode == 0, done.stderr
     name, calls = done.stdout.split()
     assert calls == "10"

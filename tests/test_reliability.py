@@ -194,14 +194,7 @@ def test_fork_after_creating_a_balancer_copies_no_threads() -> None:
         print("ok")
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    done = helpers.run_python(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
