@@ -27,7 +27,8 @@ import random
 import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
-from itertools import accumulate
+from itertools import accumulate, compress, repeat
+from operator import eq, itemgetter, truediv
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from .latency import FAILURE_PENALTY_NS
@@ -45,6 +46,7 @@ UNMEASURED_NS = float(FAILURE_PENALTY_NS)
 """What `PeakEwma` assumes of an unmeasured backend that is already busy with a first call."""
 
 _MASK64 = (1 << 64) - 1
+_REBASE_BELOW = -float(1 << 40)
 
 
 @runtime_checkable
@@ -301,13 +303,26 @@ class WeightedRandom(_Randomised):
         return self._sampler.get(view).one(self._rng)
 
 
-def _staggered(view: View) -> list[float]:
-    """Smooth round-robin state that starts at a random point of the cycle in each process,
-    so workers that all start (or all see a new view) at once do not pick in lockstep."""
-    current = [0.0] * (max(view.slots, default=0) + 1)
-    for slot in view.slots:
-        current[slot] = random.random() * view.weights[slot]
-    return current
+class _Scan:
+    """How `LeastLoaded` reads a view, and this process's tie-break state for it.
+
+    Every count is read in one C-level call (a slice when the slots are contiguous, as they
+    are unless some are ejected or unregistered) and compared with `list.count` and
+    `list.index`, which keeps a scan of 64 backends near the cost of one of 8. The smooth
+    round-robin state starts at a random point of the cycle in each process, so workers that
+    all start (or all see a new view) at once do not pick in lockstep.
+    """
+
+    __slots__ = ("current", "read", "total", "uniform", "weights")
+
+    def __init__(self, view: View) -> None:
+        slots = view.slots
+        contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
+        self.read = itemgetter(slice(slots[0], slots[-1] + 1)) if contiguous else itemgetter(*slots)
+        self.weights = tuple(float(view.weights[s]) for s in view.slots)
+        self.total = sum(self.weights)
+        self.uniform = len(set(self.weights)) == 1
+        self.current = [random.random() * w for w in self.weights]
 
 
 class LeastLoaded:
@@ -317,41 +332,47 @@ class LeastLoaded:
     smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
     loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
     which is how slow start ramps a new backend even when nothing is in flight). The
-    round-robin state is this process's own, restarts when the view changes, and starts at a
-    random point so that processes do not move in lockstep.
+    round-robin state is this process's own and restarts when the view changes.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._current = _PerView(_staggered)
+        self._scans = _PerView(_Scan)
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
-        slots, in_flight, weights = view.slots, view.in_flight, view.weights
-        best, low, ties = slots[0], math.inf, 0
-        for slot in slots:
-            load = in_flight[slot] / weights[slot]
-            if load < low:
-                best, low, ties = slot, load, 1
-            elif load == low:
-                ties += 1
+        slots = view.slots
+        if len(slots) == 1:
+            return slots[0]
+        scan = self._scans.get(view)
+        counts: list[int] = list(scan.read(view.in_flight))
+        uniform = scan.uniform
+        loads = counts if uniform else list(map(truediv, counts, scan.weights))
+        low = 0 if 0 in loads else min(loads)  # an idle backend is the common case
+        ties = loads.count(low)
         if ties == 1:
-            return best
-        current = self._current.get(view)
-        chosen, top, total = best, -math.inf, 0.0
-        for slot in slots:
-            if in_flight[slot] / weights[slot] == low:
-                weight = weights[slot]
-                value = current[slot] + weight
-                current[slot] = value
-                total += weight
-                if value > top:
-                    chosen, top = slot, value
-        # Counts may have moved between the two passes (other processes): `chosen` then
-        # falls back to the first pass's answer, with the cycle's state still consistent.
+            return slots[loads.index(low)]
+        current = scan.current
+        if uniform and ties == len(loads):
+            # Adding the same weight to every entry moves none past another: skip it.
+            i = current.index(max(current))
+            current[i] -= scan.total
+            if current[i] < _REBASE_BELOW:  # keep the float values exact enough to compare
+                top = max(current)
+                current[:] = [value - top for value in current]
+            return slots[i]
+        weights = scan.weights
+        chosen, top, total = 0, -math.inf, 0.0
+        for i in compress(range(len(loads)), map(eq, loads, repeat(low))):
+            weight = weights[i]
+            value = current[i] + weight
+            current[i] = value
+            total += weight
+            if value > top:
+                chosen, top = i, value
         current[chosen] -= total
-        return chosen
+        return slots[chosen]
 
     def __reduce__(self) -> tuple[type[Any], tuple[()]]:
         """Pickled as its class alone: the receiving process builds its own caches."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import random
 import re
 import threading
 import time
@@ -192,6 +193,67 @@ def test_least_loaded_weighs_and_shares_ties_fairly() -> None:
     assert picks(strategy, view([1.0] * 4, [0, 0, 9, 9]), 400) == {0: 200, 1: 200}
     # Idle backends tie; ties follow weights, which is how slow start acts when idle.
     assert picks(strategy, view([1.0, 3.0]), 400) == {0: 100, 1: 300}
+    # A large idle pool is visited in turn, each backend once per cycle.
+    assert picks(strategy, view([1.0] * 64), 640) == dict.fromkeys(range(64), 10)
+
+
+def reference_least_loaded(view: View, current: dict[int, float]) -> int:
+    """NGINX's least_conn written plainly: lowest load, then smooth weighted round-robin."""
+    low = min(view.in_flight[s] / view.weights[s] for s in view.slots)
+    tied = [s for s in view.slots if view.in_flight[s] / view.weights[s] == low]
+    for s in tied:
+        current[s] += view.weights[s]
+    chosen = max(tied, key=lambda s: (current[s], -s))
+    current[chosen] -= sum(view.weights[s] for s in tied)
+    return chosen
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([1.0, 1.0, 1.0, 0.5, 2.0]), min_size=1, max_size=40),
+    eligible=st.data(),
+    steps=st.lists(st.tuples(st.sampled_from("hcr"), st.integers(0, 1 << 16)), max_size=200),
+    seed=st.integers(0, 1 << 32),
+)
+def test_least_loaded_is_nginx_least_conn(
+    weights: list[float],
+    eligible: st.DataObject,
+    steps: list[tuple[str, int]],
+    seed: int,
+) -> None:
+    """The fast scan picks exactly what the plain algorithm picks, call after call.
+
+    Steps: pick and hold the call (h), pick for a call that ends at once (c), end a held
+    call (r).
+    """
+    n = len(weights)
+    slots = tuple(eligible.draw(st.sets(st.integers(0, n - 1), min_size=1).map(sorted)))
+    in_flight = [0] * n
+    v = View(version=1, slots=slots, weights=weights, in_flight=in_flight, latency=[0.0] * n)
+    random.seed(seed)
+    current = {s: random.random() * weights[s] for s in slots}
+    random.seed(seed)
+    strategy = LeastLoaded()
+    for step, which in steps:
+        busy = [s for s in slots if in_flight[s]]
+        if step == "r":
+            if busy:
+                in_flight[busy[which % len(busy)]] -= 1
+            continue
+        chosen = strategy.pick(v, -1, None)
+        assert chosen == reference_least_loaded(v, current)
+        in_flight[chosen] += step == "h"
+
+
+def test_least_loaded_round_robin_state_stays_bounded() -> None:
+    """Idle picks only ever lower the round-robin values; far down, they are shifted back."""
+    strategy = LeastLoaded()
+    v = view([1.0] * 3)
+    strategy.pick(v, -1, None)
+    current = strategy._scans.get(v).current
+    current[:] = [-(2.0**41) + i for i in range(3)]  # after about 2**40 picks
+    assert [strategy.pick(v, -1, None) for _ in range(6)] == [2, 1, 0, 2, 1, 0]
+    assert min(current) > -10
 
 
 # Random strategies: bounds with a fixed seed ----------------------------------------------
