@@ -15,13 +15,15 @@ from .errors import (
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
+    EtcdError,
     InvalidAddress,
     NoBackendAvailable,
     SegmentError,
     UnknownBackend,
+    WorkerDied,
 )
 from .health import HealthCheck
-from .pool import WorkerDied, WorkerPool
+from .pool import WorkerPool
 from .servers import attach_from_env, shared_balancer
 from .state import BackendStats, View
 from .strategies import (
@@ -49,6 +51,7 @@ __all__ = [
     "DispatcherError",
     "DnsResolver",
     "DuplicateBackend",
+    "EtcdError",
     "EtcdResolver",
     "HealthCheck",
     "HttpBackend",

@@ -35,8 +35,8 @@ from .address import parse_address
 from .checks import MAX_WEIGHT
 from .errors import (
     CapacityExceeded,
-    DispatcherError,
     DuplicateBackend,
+    EtcdError,
     InvalidAddress,
     SegmentError,
     UnknownBackend,
@@ -249,10 +249,6 @@ class DnsResolver(PollingResolver):
 
 
 # etcd ---------------------------------------------------------------------------------------
-
-
-class EtcdError(DispatcherError):
-    """Raised inside `EtcdResolver` when etcd answers with an error (it is yielded, not raised)."""
 
 
 class _Compacted(Exception):

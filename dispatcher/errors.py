@@ -6,6 +6,8 @@ that carries extra fields defines ``__reduce__`` and survives pickling.
 
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool
+
 
 class DispatcherError(Exception):
     """Base of every error raised by `dispatcher`."""
@@ -60,3 +62,16 @@ class BackendError(DispatcherError):
 
     def __reduce__(self) -> tuple[type[BackendError], tuple[str, str, int | None]]:
         return (type(self), (self.addr, self.message, self.status))
+
+
+class WorkerDied(DispatcherError, BrokenProcessPool):
+    """Raised (through its future) when a worker process died before a call's answer came back.
+
+    The executor cannot tell which call the dead worker held, so every call not yet answered
+    at that moment fails this way, queued ones included. Such a call may or may not have
+    reached a backend; it was sent as many times as `retries_on_worker_death` allowed.
+    """
+
+
+class EtcdError(DispatcherError):
+    """Raised inside `EtcdResolver` when etcd answers with an error (it is yielded, not raised)."""

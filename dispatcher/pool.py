@@ -33,17 +33,7 @@ from typing import Any
 
 from .balancer import Balancer
 from .checks import check_int
-from .errors import DispatcherError, SegmentError
-
-
-class WorkerDied(DispatcherError, BrokenProcessPool):
-    """Raised (through its future) when a worker process died before a call's answer came back.
-
-    The executor cannot tell which call the dead worker held, so every call not yet answered
-    at that moment fails this way, queued ones included. Such a call may or may not have
-    reached a backend; it was sent as many times as `retries_on_worker_death` allowed.
-    """
-
+from .errors import DispatcherError, SegmentError, WorkerDied
 
 _Call = tuple[Any, float | None, object]
 
