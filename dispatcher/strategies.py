@@ -8,9 +8,9 @@ To add one, write a class with `uses_cursor` and `pick`, and pass an instance as
 ``Balancer(strategy=...)``; to make it available by name, add it to `STRATEGIES`.
 
 Anything a strategy derives from the slots and weights (a schedule, prefix sums, a hash ring)
-is built once per view and kept until the view changes, so a pick costs no allocation
-proportional to the pool. Views change with membership and, during slow start, as weights
-ramp up; between those changes the same `View` object is handed to every pick.
+is built once per view and kept until the view changes; a pick rebuilds none of it. Views
+change with membership and, during slow start, as weights ramp up; between those changes the
+same `View` object is handed to every pick.
 
 Strategies that draw random numbers take a `seed` for tests. A forked child (os.fork,
 gunicorn, multiprocessing's fork) and an unpickled copy (spawn) each draw a fresh seed: worker
