@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -229,3 +230,10 @@ def run_python(script: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+
+
+def free_port() -> int:
+    """A loopback port free at this moment, for a server that cannot bind port 0 itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -35,7 +35,7 @@ from dispatcher.discovery import (
     parse_etcd_value,
     reconcile,
 )
-from tests.helpers import Echo, localhost_lookup, run_discovery, send_load
+from tests.helpers import Echo, free_port, localhost_lookup, run_discovery, send_load
 
 ETCD = shutil.which("etcd")
 needs_etcd = pytest.mark.skipif(
@@ -69,12 +69,6 @@ def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
         for r in caplog.records
         if r.name == LOGGER and r.levelno == logging.WARNING and text in r.getMessage()
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class EtcdServer:

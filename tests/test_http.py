@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from dispatcher import BackendError, Balancer, HttpBackend, HttpRequest, HttpResponse
+from tests.helpers import free_port
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -50,12 +50,6 @@ def servers() -> Iterator[list[str]]:
     for server in started:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_ok_answer_and_keep_alive(servers: list[str]) -> None:

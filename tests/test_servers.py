@@ -14,7 +14,6 @@ import http.server
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import urllib3
 
 from dispatcher import Balancer
 from dispatcher.segment import NAME_PREFIX
+from tests.helpers import free_port
 
 pytest.importorskip("gunicorn")
 pytest.importorskip("uvicorn")
@@ -98,12 +98,6 @@ def backends() -> Iterator[Callable[..., Backend]]:
 
 
 # Servers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
