@@ -27,8 +27,8 @@ import random
 import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
-from itertools import accumulate, compress, repeat
-from operator import eq, itemgetter, truediv
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from .latency import FAILURE_PENALTY_NS
@@ -46,7 +46,6 @@ UNMEASURED_NS = float(FAILURE_PENALTY_NS)
 """What `PeakEwma` assumes of an unmeasured backend that is already busy with a first call."""
 
 _MASK64 = (1 << 64) - 1
-_REBASE_BELOW = -float(1 << 40)
 
 
 @runtime_checkable
@@ -306,23 +305,26 @@ class WeightedRandom(_Randomised):
 class _Scan:
     """How `LeastLoaded` reads a view, and this process's tie-break state for it.
 
-    Every count is read in one C-level call (a slice when the slots are contiguous, as they
-    are unless some are ejected or unregistered) and compared with `list.count` and
-    `list.index`, which keeps a scan of 64 backends near the cost of one of 8. The smooth
-    round-robin state starts at a random point of the cycle in each process, so workers that
-    all start (or all see a new view) at once do not pick in lockstep.
+    With equal weights, every count is read in one C-level call: a slice when the slots are
+    contiguous (as they are unless some are ejected or unregistered), an `itemgetter`
+    otherwise. `current` holds the smooth round-robin values by slot (minus infinity for the
+    slots not in the view); they start at a random point of the cycle in each process, so
+    workers that all start (or all see a new view) at once do not pick in lockstep.
     """
 
-    __slots__ = ("current", "read", "total", "uniform", "weights")
+    __slots__ = ("current", "floor", "read", "uniform", "weight")
 
     def __init__(self, view: View) -> None:
         slots = view.slots
         contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
         self.read = itemgetter(slice(slots[0], slots[-1] + 1)) if contiguous else itemgetter(*slots)
-        self.weights = tuple(float(view.weights[s]) for s in view.slots)
-        self.total = sum(self.weights)
-        self.uniform = len(set(self.weights)) == 1
-        self.current = [random.random() * w for w in self.weights]
+        weights = [float(view.weights[s]) for s in slots]
+        self.uniform = len(set(weights)) == 1
+        self.weight = weights[0]
+        self.current = [-math.inf] * (slots[-1] + 1)
+        for slot, weight in zip(slots, weights, strict=True):
+            self.current[slot] = random.random() * weight
+        self.floor = -float(1 << 20) * sum(weights)
 
 
 class LeastLoaded:
@@ -346,37 +348,77 @@ class LeastLoaded:
         if len(slots) == 1:
             return slots[0]
         scan = self._scans.get(view)
-        counts: list[int] = list(scan.read(view.in_flight))
-        uniform = scan.uniform
-        loads = counts if uniform else list(map(truediv, counts, scan.weights))
-        low = 0 if 0 in loads else min(loads)  # an idle backend is the common case
-        ties = loads.count(low)
-        if ties == 1:
-            return slots[loads.index(low)]
-        current = scan.current
-        if uniform and ties == len(loads):
-            # Adding the same weight to every entry moves none past another: skip it.
-            i = current.index(max(current))
-            current[i] -= scan.total
-            if current[i] < _REBASE_BELOW:  # keep the float values exact enough to compare
-                top = max(current)
-                current[:] = [value - top for value in current]
-            return slots[i]
-        weights = scan.weights
-        chosen, top, total = 0, -math.inf, 0.0
-        for i in compress(range(len(loads)), map(eq, loads, repeat(low))):
-            weight = weights[i]
-            value = current[i] + weight
-            current[i] = value
-            total += weight
-            if value > top:
-                chosen, top = i, value
-        current[chosen] -= total
-        return slots[chosen]
+        if scan.uniform:
+            counts: list[int] = list(scan.read(view.in_flight))
+            return _least_loaded_equal(slots, counts, scan.weight, scan.current, scan.floor)
+        return _least_loaded_weighted(view, scan.current)
 
     def __reduce__(self) -> tuple[type[Any], tuple[()]]:
         """Pickled as its class alone: the receiving process builds its own caches."""
         return (type(self), ())
+
+
+def _least_loaded_equal(
+    slots: tuple[int, ...], counts: list[int], weight: float, current: list[float], floor: float
+) -> int:
+    """`LeastLoaded` when every weight is equal: counts compared as they are, in C.
+
+    `list.count` and `list.index` do the scan, so 64 backends cost little more than 8.
+    """
+    low = 0 if 0 in counts else min(counts)  # an idle backend is the common case
+    ties = counts.count(low)
+    if ties == 1:
+        return slots[counts.index(low)]
+    if ties == len(counts):
+        # Adding the same weight to every entry moves none past another: skip it.
+        top = max(current)
+        try:
+            slot = current.index(top)
+        except ValueError:  # another thread lowered it meanwhile
+            slot = max(slots, key=current.__getitem__)
+        current[slot] -= weight * ties
+        if current[slot] < floor:  # keep the values small enough to compare exactly
+            top = max(current)
+            current[:] = [value - top for value in current]
+        return slot
+    chosen, top, i = slots[0], -math.inf, -1
+    for _ in range(ties):
+        i = counts.index(low, i + 1)
+        slot = slots[i]
+        value = current[slot] = current[slot] + weight
+        if value > top:
+            chosen, top = slot, value
+    current[chosen] -= weight * ties
+    return chosen
+
+
+def _least_loaded_weighted(view: View, current: list[float]) -> int:
+    """`LeastLoaded` when weights differ, by ``in_flight / weight``.
+
+    A plain loop: C-level helpers would turn every count into a float first, which costs more.
+    """
+    slots, in_flight, weights = view.slots, view.in_flight, view.weights
+    best, low, ties = slots[0], math.inf, 0
+    for slot in slots:
+        load = in_flight[slot] / weights[slot]
+        if load < low:
+            best, low, ties = slot, load, 1
+        elif load == low:
+            ties += 1
+    if ties == 1:
+        return best
+    chosen, top, total = best, -math.inf, 0.0
+    for slot in slots:
+        if in_flight[slot] / weights[slot] == low:
+            weight = weights[slot]
+            value = current[slot] = current[slot] + weight
+            total += weight
+            if value > top:
+                chosen, top = slot, value
+    # Counts may have moved between the two passes (other processes): `chosen` then falls
+    # back to the first pass's answer, with the cycle's state still consistent.
+    current[chosen] -= total
+    return chosen
 
 
 class PowerOfTwo(_Randomised):

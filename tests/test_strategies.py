@@ -7,6 +7,7 @@ import multiprocessing
 import pickle
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -254,6 +255,31 @@ def test_least_loaded_round_robin_state_stays_bounded() -> None:
     current[:] = [-(2.0**41) + i for i in range(3)]  # after about 2**40 picks
     assert [strategy.pick(v, -1, None) for _ in range(6)] == [2, 1, 0, 2, 1, 0]
     assert min(current) > -10
+
+
+def test_least_loaded_shared_by_threads_never_fails() -> None:
+    """Threads race on one strategy's tie-break state; every pick still returns a slot."""
+    strategy, v = LeastLoaded(), view([1.0] * 8)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(20_000):
+                assert strategy.pick(v, -1, None) in v.slots
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
 
 
 # Random strategies: bounds with a fixed seed ----------------------------------------------
