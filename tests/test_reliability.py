@@ -98,21 +98,23 @@ def test_killed_workers_counts_return_to_zero_without_traffic(method: str) -> No
         assert sum(s.requests for s in b.snapshot()) == 0
 
 
-def start_owner() -> subprocess.Popen[str]:
+def start_owner() -> tuple[subprocess.Popen[str], str]:
+    """An owner in another process, and the name of the balancer it created."""
     code = f"from tests.helpers import owner_until_stdin_closes as o; o({ADDRS!r})"
-    return subprocess.Popen(
+    owner = subprocess.Popen(
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
+    assert owner.stdout is not None and owner.stdin is not None
+    return owner, owner.stdout.readline().strip()
 
 
 def test_owner_killed_first_attached_keep_working() -> None:
-    owner = start_owner()
+    owner, name = start_owner()
     assert owner.stdout is not None and owner.stdin is not None
-    name = owner.stdout.readline().strip()
     attached = Balancer.attach(name, backend_factory=Echo)
     try:
         assert attached.invoke(None) in ADDRS
@@ -129,9 +131,8 @@ def test_owner_killed_first_attached_keep_working() -> None:
 
 
 def test_owner_closing_first_gives_attached_a_clear_error() -> None:
-    owner = start_owner()
+    owner, name = start_owner()
     assert owner.stdout is not None and owner.stdin is not None
-    name = owner.stdout.readline().strip()
     attached = Balancer.attach(name, backend_factory=Echo)
     try:
         assert attached.invoke(None) in ADDRS

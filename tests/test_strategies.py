@@ -446,39 +446,24 @@ def check_spread(strategy: str, loads: dict[str, int]) -> None:
         assert max(n for a, n in loads.items() if a != "10.0.2.4:80") <= 4, loads
 
 
+@pytest.mark.parametrize("holders", ["threads", "processes"])
 @pytest.mark.parametrize("strategy", ["least_loaded", "power_of_two"])
-def test_in_flight_spread_from_threads(strategy: str) -> None:
-    gate = threading.Event()
-    with weighted_balancer(strategy) as balancer:
-        threads = [threading.Thread(target=balancer.invoke, args=(gate,)) for _ in range(12)]
-        try:
-            for i, thread in enumerate(threads):
-                thread.start()
-                wait_in_flight(balancer, i + 1)
-            check_spread(strategy, in_flight(balancer))
-        finally:
-            gate.set()
-            for thread in threads:
-                thread.join(30)
-        assert sum(in_flight(balancer).values()) == 0
-
-
-@pytest.mark.parametrize("strategy", ["least_loaded", "power_of_two"])
-def test_in_flight_spread_from_processes(strategy: str) -> None:
-    """Each process sees the calls the others hold: 12 forked processes, one call each."""
+def test_in_flight_spread(strategy: str, holders: str) -> None:
+    """Each holder sees the calls the others hold: 12 threads or forked processes, one call each."""
     ctx = multiprocessing.get_context("fork")
-    gate = ctx.Event()
+    gate: Any = threading.Event() if holders == "threads" else ctx.Event()
+    holder: Any = threading.Thread if holders == "threads" else ctx.Process
     with weighted_balancer(strategy) as balancer:
-        children = [ctx.Process(target=hold_one_call, args=(balancer, gate)) for _ in range(12)]
+        runners = [holder(target=hold_one_call, args=(balancer, gate)) for _ in range(12)]
         try:
-            for i, child in enumerate(children):
-                child.start()
+            for i, runner in enumerate(runners):
+                runner.start()
                 wait_in_flight(balancer, i + 1)
             check_spread(strategy, in_flight(balancer))
         finally:
             gate.set()
-            for child in children:
-                child.join(30)
+            for runner in runners:
+                runner.join(30)
         assert sum(in_flight(balancer).values()) == 0
 
 
