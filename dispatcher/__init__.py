@@ -1,7 +1,28 @@
-"""Client-side load balancing with one view of load shared by every worker process."""
+"""Client-side load balancing with one view of load shared by every worker process.
 
-from .backends import Backend, HttpBackend, HttpRequest, HttpResponse
-from .balancer import Balancer
+Every public name is here. The modules whose names start with an underscore are the
+implementation and may change in any release; `dispatcher.aio`, `dispatcher.discovery`,
+`dispatcher.gunicorn` and `dispatcher.servers` are public modules for what needs an import of
+its own (async backends, resolvers, server hooks).
+"""
+
+from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
+from ._balancer import Balancer
+from ._health import HealthCheck
+from ._pool import WorkerPool
+from ._strategies import (
+    STRATEGIES,
+    ConsistentHash,
+    LeastLoaded,
+    PeakEwma,
+    PowerOfTwo,
+    Random,
+    RoundRobin,
+    Strategy,
+    WeightedRandom,
+    WeightedRoundRobin,
+)
+from ._view import BackendStats, View
 from .discovery import (
     Discovery,
     DnsResolver,
@@ -17,27 +38,13 @@ from .errors import (
     DuplicateBackend,
     EtcdError,
     InvalidAddress,
+    LockBusy,
     NoBackendAvailable,
     SegmentError,
     UnknownBackend,
     WorkerDied,
 )
-from .health import HealthCheck
-from .pool import WorkerPool
 from .servers import attach_from_env, shared_balancer
-from .state import BackendStats, View
-from .strategies import (
-    STRATEGIES,
-    ConsistentHash,
-    LeastLoaded,
-    PeakEwma,
-    PowerOfTwo,
-    Random,
-    RoundRobin,
-    Strategy,
-    WeightedRandom,
-    WeightedRoundRobin,
-)
 
 __all__ = [
     "STRATEGIES",
@@ -59,6 +66,7 @@ __all__ = [
     "HttpResponse",
     "InvalidAddress",
     "LeastLoaded",
+    "LockBusy",
     "NoBackendAvailable",
     "PeakEwma",
     "PowerOfTwo",

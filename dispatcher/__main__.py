@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.cli import main
+from dispatcher._cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,49 +1,32 @@
-"""asyncio: ``await ainvoke(balancer, request)`` without ever stalling the event loop.
+"""Backends for asyncio: what ``await balancer.ainvoke(...)`` calls.
 
-A call has three parts. The pick and the end of the call each take the shared lock for well
-under a microsecond, so they run inline on the loop. When the lock stays taken for a few tries
-(a busy neighbour, a holder that was descheduled or died in it), they move to a small thread
-pool of this process, so a waiting loop keeps serving its other tasks. The backend call in
-between is awaited with no lock held.
-
-Async backends come from the balancer's ordinary ``backend_factory``: pass one whose backends
-have ``async def ainvoke(request, *, timeout=None)``, such as `AsyncHttpBackend`::
+`Balancer.ainvoke` never blocks its event loop on the shared lock (see `Balancer.ainvoke`);
+the backends it calls come from the balancer's ordinary ``backend_factory``, and must have
+``async def ainvoke(request, *, timeout=None)``, such as `AsyncHttpBackend`::
 
     balancer = Balancer(addrs, backend_factory=AsyncHttpBackend, strategy="least_loaded")
     response = await balancer.ainvoke(HttpRequest("GET", "/"), timeout=2.0)
 
-A cancelled call (``asyncio.CancelledError``: a client went away, a timeout around the await)
-counts as cancelled, not as a failure of the backend: it only ends its in-flight count.
+Async clients belong to one event loop: call `aclose` before a loop ends (an ASGI lifespan
+shutdown, the end of a test), so no connection is left for the garbage collector to find open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
-import threading
 import weakref
-from collections.abc import Callable
-from time import monotonic_ns
 from typing import Any, Protocol, runtime_checkable
 
-from .address import parse_address
-from .backends import HttpRequest, HttpResponse
-from .balancer import Balancer, _key_hash
-from .checks import check_seconds
+from ._address import parse_address
+from ._backends import HttpRequest, HttpResponse
+from ._balancer import Balancer
 from .errors import BackendError
-from .state import CANCELLED, FAILURE, SUCCESS, LockBusy, SharedState
 
 try:
     import httpx
 except ModuleNotFoundError:
     httpx = None  # type: ignore[assignment]
-
-THREADS = 2
-"""Threads per process that wait on a contended lock for the event loops of that process."""
-
-Ticket = tuple[int, int, Any]
-"""What a pick commits: slot, generation, and this process's backend for the slot."""
 
 
 @runtime_checkable
@@ -53,128 +36,12 @@ class AsyncBackend(Protocol):
     async def ainvoke(self, request: Any, *, timeout: float | None = None) -> Any: ...
 
 
-async def ainvoke(
-    balancer: Balancer, request: Any, *, timeout: float | None = None, key: object = None
-) -> Any:
-    """Call one backend of `balancer` with `request` from an event loop; see `Balancer.invoke`.
-
-    The balancer's backends must be `AsyncBackend`s (``backend_factory=AsyncHttpBackend``).
-    """
-    if timeout is not None:
-        check_seconds("timeout", timeout)
-    hashed = None if key is None else _key_hash(key)
-    slot, generation, proxy = await _pick(balancer, hashed)
-    state, row = balancer._state, balancer._row_base
-    start = monotonic_ns()
-    call = getattr(proxy, "ainvoke", None)
-    if call is None:
-        await _finish(state, slot, generation, row, CANCELLED, start)
-        raise TypeError(
-            f"{proxy!r} has no ainvoke: make the balancer with an async backend_factory "
-            f"(for HTTP, backend_factory=AsyncHttpBackend)"
-        )
-    try:
-        response = await call(request, timeout=timeout)
-    except Exception:
-        await _finish(state, slot, generation, row, FAILURE, start)
-        raise
-    except BaseException:
-        await _finish(state, slot, generation, row, CANCELLED, start)
-        raise
-    await _finish(state, slot, generation, row, SUCCESS, start)
-    return response
-
-
 async def aclose(balancer: Balancer) -> None:
-    """Close this process's async backend clients of `balancer` that belong to this loop.
-
-    Call it when the loop is about to end (an ASGI lifespan shutdown, the end of a test), so
-    no connection is left for the garbage collector to find open.
-    """
-    with balancer._local_lock:
-        proxies = list(balancer._proxies.values())
-    for proxy in proxies:
-        close = getattr(proxy, "aclose", None)
+    """Close this process's async backend clients of `balancer` that belong to this loop."""
+    for backend in balancer.backends():
+        close = getattr(backend, "aclose", None)
         if close is not None:
             await close()
-
-
-async def _pick(balancer: Balancer, key: int | None) -> Ticket:
-    """`Balancer._pick`, inline unless the lock stays busy, then on a thread; never lost if
-    cancelled."""
-    try:
-        return balancer._pick(key, blocking=False)
-    except LockBusy:
-        pass
-    future = asyncio.get_running_loop().run_in_executor(_executor(), balancer._pick, key)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        future.add_done_callback(_abandon(balancer))
-        raise
-
-
-def _abandon(balancer: Balancer) -> Callable[[asyncio.Future[Ticket]], None]:
-    """A callback that ends a call whose pick completed after its caller was cancelled."""
-    state = balancer._state
-
-    def done(future: asyncio.Future[Ticket]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        slot, generation, _ = future.result()
-        args = (slot, generation, balancer._row_base, CANCELLED, monotonic_ns())
-        try:
-            state.finish(*args, blocking=False)
-        except LockBusy:
-            _executor().submit(state.finish, *args)
-
-    return done
-
-
-async def _finish(
-    state: SharedState, slot: int, generation: int, row: int, outcome: int, start: int
-) -> None:
-    """`SharedState.finish`, inline unless the lock stays busy, then on a thread.
-
-    The thread's work is shielded: a second cancellation while it waits does not undo it.
-    """
-    try:
-        state.finish(slot, generation, row, outcome, start, blocking=False)
-        return
-    except LockBusy:
-        pass
-    future = asyncio.get_running_loop().run_in_executor(
-        _executor(), state.finish, slot, generation, row, outcome, start
-    )
-    await asyncio.shield(future)
-
-
-class _Pool:
-    """This process's own small pool: threads never cross a fork, and work waiting for the
-    shared lock never queues behind an application's jobs on the loop's default executor."""
-
-    def __init__(self) -> None:
-        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.lock = threading.Lock()
-
-    def get(self) -> concurrent.futures.ThreadPoolExecutor:
-        executor = self.executor
-        if executor is not None:
-            return executor
-        with self.lock:
-            if self.executor is None:
-                self.executor = concurrent.futures.ThreadPoolExecutor(THREADS, "dispatcher-lock")
-            return self.executor
-
-    def forget(self) -> None:
-        """In a forked child: the parent's threads are not here; drop, never shut down."""
-        self.executor = None
-        self.lock = threading.Lock()
-
-
-_POOL = _Pool()
-_executor = _POOL.get
-os.register_at_fork(after_in_child=_POOL.forget)
 
 
 class AsyncHttpBackend:

@@ -73,5 +73,10 @@ class WorkerDied(DispatcherError, BrokenProcessPool):
     """
 
 
+class LockBusy(DispatcherError):
+    """Raised when the shared lock stays taken for an operation asked not to wait for it
+    (``reap(blocking=False)``, from a signal handler that may have interrupted its holder)."""
+
+
 class EtcdError(DispatcherError):
     """Raised inside `EtcdResolver` when etcd answers with an error (it is yielded, not raised)."""

@@ -38,11 +38,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .address import parse_address
-from .balancer import Balancer
-from .errors import DispatcherError, UnknownBackend
+from ._address import parse_address
+from ._balancer import Balancer
+from .errors import DispatcherError, LockBusy, UnknownBackend
 from .servers import ENV_VAR
-from .state import LockBusy
 
 log = logging.getLogger("dispatcher")
 

@@ -25,8 +25,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .backends import HttpBackend
-from .balancer import BackendFactory, Balancer, _balancers
+from ._backends import HttpBackend
+from ._balancer import BackendFactory, Balancer, open_balancers
 from .errors import DispatcherError
 
 ENV_VAR = "DISPATCHER_BALANCER"
@@ -57,12 +57,8 @@ def attach_from_env(
             f"${env} is not set: start the server inside dispatcher.servers.shared_balancer() "
             f"or with the dispatcher.gunicorn hooks"
         )
-    for existing in list(_balancers):
-        if (
-            existing.name == name
-            and not existing.closed
-            and backend_factory in (None, existing.backend_factory)
-        ):
+    for existing in open_balancers():
+        if existing.name == name and backend_factory in (None, existing.backend_factory):
             return existing
     key = (name, os.getpid(), backend_factory)
     with _attach_lock:

@@ -62,7 +62,7 @@ def monitor_figures() -> None:
     balancer = Balancer(["10.0.0.1:80", "10.0.0.2:80"], backend_factory=Hold)
     created = time.perf_counter() - started
     monitor = next(
-        p for p in psutil.Process().children() if "dispatcher.monitor" in " ".join(p.cmdline())
+        p for p in psutil.Process().children() if "dispatcher._monitor" in " ".join(p.cmdline())
     )
     while True:  # wait until it is up: it has attached and its RSS is settled
         time.sleep(0.2)

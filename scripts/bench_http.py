@@ -53,8 +53,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dispatcher import Balancer
-from dispatcher.backends import HttpBackend, HttpRequest
+from dispatcher import Balancer, HttpBackend, HttpRequest
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"

@@ -10,7 +10,7 @@ A discrete-event simulation (pure Python, heapq) of the situation the project ex
 * each request lands on one of W worker processes at random (as a kernel spreads accepted
   connections), and that worker picks a backend with a strategy.
 
-Each strategy is the REAL class from `dispatcher.strategies`, given `View` objects over plain
+Each strategy is the REAL class from `dispatcher._strategies`, given `View` objects over plain
 lists, in three settings:
 
 * shared: every worker reads one set of in-flight counts and latency averages, and cursor
@@ -42,9 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dispatcher.latency import peak_ewma
-from dispatcher.state import View
-from dispatcher.strategies import STRATEGIES, Strategy
+from dispatcher._latency import peak_ewma
+from dispatcher._strategies import STRATEGIES, Strategy
+from dispatcher._view import View
 
 MEANS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0)
 """Mean service time of each backend, in units of a fast backend's."""

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from dispatcher import BackendError, Balancer, HttpBackend, HttpRequest, NoBackendAvailable
-from dispatcher.segment import NAME_PREFIX
+from dispatcher._segment import find_by_owner
 
 IDLE, CALLING, FINISHING = 0, 1, 2
 """Phases of a worker thread: a call is under way from CALLING; FINISHING means an attempt
@@ -367,27 +367,6 @@ def leftover_processes() -> list[str]:
     return left
 
 
-def our_segments() -> list[str]:
-    """Segments in /dev/shm whose header names this process as owner."""
-    import struct
-
-    from dispatcher import layout
-
-    found = []
-    for name in os.listdir("/dev/shm"):
-        if not name.startswith(NAME_PREFIX):
-            continue
-        try:
-            with open(f"/dev/shm/{name}", "rb") as segment:
-                header = segment.read(layout.HEADER_WORDS * layout.WORD)
-            words = struct.unpack_from(f"{layout.HEADER_WORDS}q", header)
-        except (OSError, struct.error):
-            continue
-        if words[layout.H_MAGIC] == layout.MAGIC and words[layout.H_OWNER_PID] == os.getpid():
-            found.append(name)
-    return found
-
-
 def soak(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     ctx = multiprocessing.get_context(args.start_method)
@@ -477,8 +456,9 @@ def soak(args: argparse.Namespace) -> int:
                 backend.kill()
                 backend.wait()
     elapsed = time.monotonic() - started
-    if os.path.exists(f"/dev/shm/{name}") or our_segments():
-        mismatches.append(f"segment left in /dev/shm: {our_segments() or [name]}")
+    left = find_by_owner(os.getpid(), closed=True)
+    if os.path.exists(f"/dev/shm/{name}") or left:
+        mismatches.append(f"segment left in /dev/shm: {left or [name]}")
     if not wait_until(lambda: not leftover_processes(), 5.0):
         mismatches.append(f"processes left: {leftover_processes()}")
 

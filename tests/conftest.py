@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dispatcher import segment
+from dispatcher import _segment as segment
 
 
 @pytest.fixture(autouse=True)

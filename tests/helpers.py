@@ -72,14 +72,14 @@ def picks_after_change(balancer: Balancer, ready: Any, go: Any, out: Any) -> Non
 
 def hold_the_lock(balancer: Balancer, ready: Any, write_holder: bool, seconds: float) -> None:
     """Take the balancer's shared lock and keep it, as a process that hangs or dies in it."""
-    state = balancer._state
+    lock = balancer._state.lock
     if write_holder:
-        state._lock(time.monotonic_ns())
+        lock.acquire()
     else:
-        state.lock.acquire()
+        lock.semaphore.acquire()
     ready.set()
     time.sleep(seconds)
-    state._unlock()
+    lock.release()
 
 
 def hold_one_call_attached(name: str, gate: Any) -> None:
@@ -96,6 +96,23 @@ def owner_until_stdin_closes(addrs: list[str]) -> None:
     print(balancer.name, flush=True)
     sys.stdin.read()
     balancer.close()
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: `use` gives it to a balancer."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1e9)
+
+    def use(self, balancer: Balancer) -> Balancer:
+        balancer._state.clock = self
+        return balancer
 
 
 def always_false(addr: str) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher import InvalidAddress
-from dispatcher.address import parse_address
+from dispatcher._address import parse_address
 
 
 @pytest.mark.parametrize(

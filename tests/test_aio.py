@@ -7,13 +7,12 @@ import asyncio
 import http.server
 import threading
 from collections.abc import Iterator
-from time import monotonic_ns
 from typing import Any
 
 import pytest
 
 from dispatcher import BackendError, Balancer, HttpRequest
-from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose, ainvoke
+from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose
 
 pytest.importorskip("httpx")
 
@@ -91,7 +90,7 @@ def test_a_5xx_is_a_failure_and_ends_the_call(http_addrs: list[str]) -> None:
         async def main() -> None:
             try:
                 with pytest.raises(BackendError) as failed:
-                    await ainvoke(balancer, HttpRequest("GET", "/fail"))
+                    await balancer.ainvoke(HttpRequest("GET", "/fail"))
                 assert failed.value.status == 503
             finally:
                 await aclose(balancer)
@@ -131,17 +130,17 @@ def test_a_sync_backend_is_refused_and_leaves_nothing_in_flight() -> None:
 
     with Balancer(["10.0.0.1:80"], backend_factory=Sync) as balancer:
         with pytest.raises(TypeError, match="async backend_factory"):
-            asyncio.run(ainvoke(balancer, None))
+            asyncio.run(balancer.ainvoke(None))
         assert totals(balancer) == (0, 0, 0)
 
 
 def _hold(balancer: Balancer, taken: threading.Event, release: threading.Event) -> None:
     """Hold the shared lock, as a busy or stalled neighbour process would, until released."""
-    state = balancer._state
-    state._lock(monotonic_ns())
+    lock = balancer._state.lock
+    lock.acquire()
     taken.set()
     release.wait(10)
-    state._unlock()
+    lock.release()
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])

@@ -23,7 +23,7 @@ from dispatcher import (
     SegmentError,
     UnknownBackend,
 )
-from dispatcher.segment import NAME_PREFIX
+from dispatcher._segment import NAME_PREFIX
 from tests.helpers import Echo
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
@@ -305,7 +305,7 @@ def test_errors_pickle() -> None:
 
 
 def test_keys_are_accepted_and_hashed_stably() -> None:
-    from dispatcher.balancer import _key_hash
+    from dispatcher._balancer import key_hash_of as _key_hash
 
     assert _key_hash("user-1") == _key_hash(b"user-1")
     assert _key_hash(1) != _key_hash(2)

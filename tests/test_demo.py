@@ -13,21 +13,22 @@ import psutil
 import pytest
 from rich.console import Console
 
-from dispatcher import Balancer, segment
-from dispatcher.cli import build_parser
-from dispatcher.dashboard import (
+from dispatcher import Balancer
+from dispatcher import _segment as segment
+from dispatcher._cli.dashboard import (
     Frame,
     Sampler,
     WorkerInfo,
     backend_state,
-    open_target,
     plain_line,
     render,
     summary,
 )
+from dispatcher._cli.main import build_parser
+from dispatcher._cli.top import open_target
+from dispatcher._layout import BUCKETS, bucket_of
+from dispatcher._state import BackendStats
 from dispatcher.errors import SegmentError
-from dispatcher.layout import BUCKETS, bucket_of
-from dispatcher.state import BackendStats
 from tests.helpers import Echo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -285,7 +286,7 @@ def test_ctrl_c_stops_every_process_and_leaves_no_segment() -> None:
         commands = [" ".join(child.cmdline()) for child in children]
         # 3 backends and 2 pool workers (spawned), the monitor, the resource tracker.
         assert sum("multiprocessing.spawn" in c for c in commands) >= 5, commands
-        assert sum("dispatcher.monitor" in c for c in commands) == 1, commands
+        assert sum("dispatcher._monitor" in c for c in commands) == 1, commands
         os.killpg(process.pid, signal.SIGINT)
         rest, err = process.communicate(timeout=60)
     finally:

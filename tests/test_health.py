@@ -19,7 +19,7 @@ from dispatcher import (
     HttpRequest,
     NoBackendAvailable,
 )
-from dispatcher.health import HealthTracker
+from dispatcher._health import HealthTracker
 from tests import helpers
 from tests.helpers import Echo
 

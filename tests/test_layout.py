@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher import layout as L
+from dispatcher import _layout as L
+from dispatcher._latency import FAILURE_PENALTY_NS, peak_ewma, percentile_ns, sample_ns
+from dispatcher._policy import NS, EjectionPolicy
 from dispatcher.errors import SegmentError
-from dispatcher.latency import FAILURE_PENALTY_NS, peak_ewma, percentile_ns, sample_ns
-from dispatcher.policy import NS, EjectionPolicy
 
 
 def test_regions_do_not_overlap_and_fill_the_size() -> None:

@@ -224,7 +224,7 @@ def test_closing_an_attached_handle_gives_its_worker_row_back() -> None:
 def test_a_wall_clock_step_does_not_make_live_workers_look_dead() -> None:
     import psutil
 
-    from dispatcher import workers
+    from dispatcher import _workers as workers
 
     start = workers.start_time(os.getpid())
     stepped = psutil.boot_time() + 3600.0  # what psutil reads after the clock jumped an hour
@@ -268,7 +268,7 @@ def test_a_health_check_from_main_is_refused() -> None:
 
 
 def test_reaping_from_a_signal_handler_never_waits_for_its_own_lock() -> None:
-    from dispatcher.state import LockBusy
+    from dispatcher import LockBusy
 
     with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         pid = os.fork()
@@ -276,10 +276,10 @@ def test_reaping_from_a_signal_handler_never_waits_for_its_own_lock() -> None:
             b.invoke(None)
             os._exit(0)
         os.waitpid(pid, 0)
-        b._state._lock(time.monotonic_ns())  # as if a handler interrupted this process in it
+        b._state.lock.acquire()  # as if a handler interrupted this process in it
         try:
             with pytest.raises(LockBusy):
                 b.reap(blocking=False)
         finally:
-            b._state._unlock()
+            b._state.lock.release()
         assert b.reap(blocking=False) == 1

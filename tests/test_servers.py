@@ -29,7 +29,7 @@ import pytest
 import urllib3
 
 from dispatcher import Balancer
-from dispatcher.segment import NAME_PREFIX
+from dispatcher._segment import NAME_PREFIX
 from tests.helpers import free_port
 
 pytest.importorskip("gunicorn")

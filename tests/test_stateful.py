@@ -29,19 +29,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-import dispatcher.balancer
-import dispatcher.state
+import dispatcher._balancer
 from dispatcher import Balancer
-from dispatcher import layout as L
-from dispatcher.address import parse_address
-from dispatcher.errors import (
-    CapacityExceeded,
-    DuplicateBackend,
-    InvalidAddress,
-    NoBackendAvailable,
-    UnknownBackend,
-)
-from dispatcher.strategies import (
+from dispatcher import _layout as L
+from dispatcher._address import parse_address
+from dispatcher._strategies import (
     ConsistentHash,
     LeastLoaded,
     PeakEwma,
@@ -51,6 +43,13 @@ from dispatcher.strategies import (
     Strategy,
     WeightedRandom,
     WeightedRoundRobin,
+)
+from dispatcher.errors import (
+    CapacityExceeded,
+    DuplicateBackend,
+    InvalidAddress,
+    NoBackendAvailable,
+    UnknownBackend,
 )
 
 NS = 1_000_000_000
@@ -97,10 +96,10 @@ BAD_ADDRESSES = [
     "a..b:80",
 ]
 NOT_STRINGS = [b"10.0.0.1:80", None, 80, ("10.0.0.1", 80)]
-BAD_WEIGHTS: list[object] = [0, -1, -(10**30), dispatcher.balancer.MAX_WEIGHT + 1, 10**30]
+BAD_WEIGHTS: list[object] = [0, -1, -(10**30), dispatcher._balancer.MAX_WEIGHT + 1, 10**30]
 BAD_WEIGHTS += [math.nan, math.inf, -math.inf, 1.5, 1.0, True, "1", None]
 BAD_TIMEOUTS = [math.nan, -1.0, -1, 0, 0.0, math.inf, -math.inf, 1e10, "1", True, [1.0]]
-BAD_RETRIES = [-1, dispatcher.balancer.MAX_RETRIES + 1, 10**30, 1.5, math.nan, True, "1"]
+BAD_RETRIES = [-1, dispatcher._balancer.MAX_RETRIES + 1, 10**30, 1.5, math.nan, True, "1"]
 BAD_KEYS = [1.5, math.nan, True, object(), [1], ("a",)]
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -174,8 +173,8 @@ def is_int(value: object) -> bool:
 def comparable(b: Balancer) -> bytes:
     """Every byte of the segment except the lock holder's record, which any locked read moves."""
     data = bytearray(b._state.buffer)
-    for word in (L.H_LOCK_PID, L.H_LOCK_SINCE_NS):
-        data[word * L.WORD : (word + 1) * L.WORD] = bytes(L.WORD)
+    word = L.H_LOCK_PID
+    data[word * L.WORD : (word + 1) * L.WORD] = bytes(L.WORD)
     return bytes(data)
 
 
@@ -183,9 +182,6 @@ class BalancerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 1_000 * NS
-        self.saved = (dispatcher.state.monotonic_ns, dispatcher.balancer.monotonic_ns)
-        dispatcher.state.monotonic_ns = self.clock
-        dispatcher.balancer.monotonic_ns = self.clock
         self.balancer: Balancer | None = None
         self.log: list[str] = []
         self.model: dict[str, Model] = {}
@@ -196,16 +192,13 @@ class BalancerMachine(RuleBasedStateMachine):
         return self.now
 
     def teardown(self) -> None:
-        try:
-            for held in self.held:
-                assert held.call.gate is not None
-                held.call.gate.set()
-            for held in self.held:
-                held.thread.join(30)
-            if self.balancer is not None:
-                self.balancer.close()
-        finally:
-            dispatcher.state.monotonic_ns, dispatcher.balancer.monotonic_ns = self.saved
+        for held in self.held:
+            assert held.call.gate is not None
+            held.call.gate.set()
+        for held in self.held:
+            held.thread.join(30)
+        if self.balancer is not None:
+            self.balancer.close()
 
     @property
     def b(self) -> Balancer:
@@ -247,6 +240,7 @@ class BalancerMachine(RuleBasedStateMachine):
             slow_start_seconds=slow_start,
             monitor=False,
         )
+        self.balancer._state.clock = self.clock
         for addr in addrs:
             self.epochs += 1
             self.model[parse_address(addr)] = Model(1, self.epochs)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dispatcher.balancer
-import dispatcher.state
 from dispatcher import Balancer, View
-from dispatcher import strategies as S
-from dispatcher.balancer import _key_hash
-from dispatcher.strategies import (
+from dispatcher import _strategies as S
+from dispatcher._balancer import key_hash_of as _key_hash
+from dispatcher._strategies import (
     STRATEGIES,
     ConsistentHash,
     LeastLoaded,
@@ -36,7 +33,7 @@ from dispatcher.strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
-from tests.helpers import Echo, FailingOn, hold_one_call
+from tests.helpers import Echo, FailingOn, FakeClock, hold_one_call
 
 ADDRS = [f"10.0.1.{i}:80" for i in range(1, 9)]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
@@ -584,33 +581,21 @@ def test_peak_ewma_avoids_a_backend_that_fails_fast(monkeypatch: pytest.MonkeyPa
     assert failed <= 3
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[float], None]]:
-    """A settable monotonic clock for the balancer and its state, so ramps need no waiting."""
-    now = [time.monotonic_ns()]
-    monkeypatch.setattr(dispatcher.balancer, "monotonic_ns", lambda: now[0])
-    monkeypatch.setattr(dispatcher.state, "monotonic_ns", lambda: now[0])
-
-    def advance(seconds: float) -> None:
-        now[0] += round(seconds * 1e9)
-
-    yield advance
-
-
 @pytest.mark.parametrize(
     "strategy",
     ["weighted_round_robin", "weighted_random", "least_loaded", "power_of_two", "peak_ewma"],
 )
-def test_slow_start_ramps_a_new_backend_up(strategy: str, clock: Callable[[float], None]) -> None:
+def test_slow_start_ramps_a_new_backend_up(strategy: str) -> None:
     new = "10.0.4.9:80"
-    with Balancer(
-        ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10
+    clock = FakeClock()
+    with clock.use(
+        Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
     ) as balancer:
-        clock(60)
+        clock.advance(60)
         balancer.register(new)
         shares = []
         for elapsed in (0.0, 2.5, 2.5, 5.0):  # 0%, 25%, 50% and 100% of the window
-            clock(elapsed)
+            clock.advance(elapsed)
             shares.append(Counter(balancer.invoke(None) for _ in range(800))[new])
     # Weight 1 against three of weight 1: 10% warmth is a share of 1/31, full is 1/4.
     expected = [800 / 31, 800 * 0.25 / 3.25, 800 * 0.5 / 3.5, 200]
@@ -619,13 +604,11 @@ def test_slow_start_ramps_a_new_backend_up(strategy: str, clock: Callable[[float
         assert near(got, want), (shares, expected)
 
 
-def test_round_robin_random_and_consistent_hash_ignore_slow_start(
-    clock: Callable[[float], None],
-) -> None:
+def test_round_robin_random_and_consistent_hash_ignore_slow_start() -> None:
     new = "10.0.4.9:80"
     for strategy in ("round_robin", "random", "consistent_hash"):
-        with Balancer(
-            ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10
+        with FakeClock().use(
+            Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
         ) as balancer:
             balancer.register(new)
             answers = Counter(balancer.invoke(None, key=i) for i in range(800))

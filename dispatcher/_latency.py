@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .layout import bucket_floor_ns
+from ._layout import bucket_floor_ns
 
 DECAY_NS = 10_000_000_000
 FAILURE_PENALTY_NS = 1_000_000_000

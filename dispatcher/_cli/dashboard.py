@@ -11,9 +11,6 @@ Three parts, so the picture can be tested without processes or a terminal:
   because other processes write to the same terminal (the balancer's monitor logs to stderr):
   a view redrawn in place would be pushed down by each of their lines.
 
-`top` watches a server that may be any process: `segment.find_by_owner` finds a balancer's
-segment from its owner's pid, and `open_target` attaches to it; a watcher never picks, so it
-claims no worker row and changes no count.
 """
 
 from __future__ import annotations
@@ -30,11 +27,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import segment
-from .balancer import Balancer
-from .errors import SegmentError
-from .latency import percentile_ns
-from .state import BackendStats
+from .._latency import percentile_ns
+from .._view import BackendStats
 
 HEALTHY, WARMING, EJECTED, DOWN, DRAINING = "healthy", "warming", "ejected", "down", "draining"
 _STYLES = {HEALTHY: "green", WARMING: "yellow", EJECTED: "bold red", DOWN: "red", DRAINING: "blue"}
@@ -313,19 +307,3 @@ class Screen:
         if self._live is not None:
             self._live.stop()
             self._live = None
-
-
-# Reading a running server ------------------------------------------------------------------
-
-
-def open_target(target: str) -> Balancer:
-    """Attach to a balancer given by segment name, or by its owner's pid if `target` is a
-    number. Any strategy will do: a watcher never picks."""
-    if target.isdigit():
-        names = segment.find_by_owner(int(target))
-        if not names:
-            raise SegmentError(f"process {target} owns no open dispatcher balancer")
-        if len(names) > 1:
-            raise SegmentError(f"process {target} owns several balancers, name one: {names}")
-        target = names[0]
-    return Balancer.attach(target, strategy="round_robin")

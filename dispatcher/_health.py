@@ -1,6 +1,6 @@
 """Active health checks: what a probe is, and when its results move a backend out or back.
 
-Probes run once for the whole pool, in the owner's monitor process (`dispatcher.monitor`),
+Probes run once for the whole pool, in the owner's monitor process (`_monitor`),
 never in the workers and never under the shared lock. A backend is marked down after `fall`
 failed probes in a row and back up after `rise` passing ones (HAProxy's ``inter 2s rise 2
 fall 3`` are the defaults); a passing probe also ends a passive ejection early, as in Envoy.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import urllib3
 
-from .checks import check_int, check_seconds
+from ._checks import check_int, check_seconds
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing.context
+import multiprocessing.process
 import multiprocessing.util
 import os
 import signal
@@ -29,10 +30,10 @@ import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, cast
 
-from .balancer import Balancer
-from .checks import check_int
+from ._balancer import Balancer
+from ._checks import check_int
 from .errors import DispatcherError, SegmentError, WorkerDied
 
 _Call = tuple[Any, float | None, object]
@@ -79,6 +80,23 @@ class _PoolFuture(Future[Any]):
         return super().cancel()
 
 
+class _Context:
+    """The pool's `multiprocessing` context, remembering the processes it starts: an executor
+    has no public way to list its workers."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self._context: Any = context
+        self.processes: weakref.WeakSet[multiprocessing.process.BaseProcess] = weakref.WeakSet()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:
+        process: multiprocessing.process.BaseProcess = self._context.Process(*args, **kwargs)
+        self.processes.add(process)
+        return process
+
+
 class WorkerPool:
     """`processes` worker processes that run ``balancer.invoke`` for the calls submitted here.
 
@@ -103,7 +121,7 @@ class WorkerPool:
         )
         self._retries = check_int("retries_on_worker_death", retries_on_worker_death, 0)
         self._balancer = balancer
-        self._context = mp_context
+        self._context = _Context(mp_context or multiprocessing.get_context())
         self._lock = threading.Lock()
         self._closed = False
         self._retired: weakref.WeakSet[ProcessPoolExecutor] = weakref.WeakSet()
@@ -112,7 +130,7 @@ class WorkerPool:
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             self._processes,
-            mp_context=self._context,
+            mp_context=cast(multiprocessing.context.BaseContext, self._context),
             initializer=_start_worker,
             initargs=(self._balancer,),
         )
@@ -159,9 +177,11 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         """Process ids of the workers running now (the executor starts them as work arrives)."""
-        with self._lock:
-            processes = self._executor._processes or {}
-            return sorted(pid for pid, process in processes.items() if process.is_alive())
+        return sorted(
+            pid
+            for process in list(self._context.processes)
+            if process.is_alive() and (pid := process.pid) is not None
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more calls; with `cancel_futures`, cancel those no worker started yet.

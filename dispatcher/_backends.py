@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import urllib3
 
-from .address import parse_address
+from ._address import parse_address
 from .errors import BackendError
 
 

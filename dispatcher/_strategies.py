@@ -31,8 +31,8 @@ from itertools import accumulate
 from operator import itemgetter
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from .latency import FAILURE_PENALTY_NS
-from .state import View
+from ._latency import FAILURE_PENALTY_NS
+from ._view import View
 
 T = TypeVar("T")
 
@@ -557,7 +557,7 @@ class PeakEwma(_Randomised):
 
     Two distinct random backends (drawn by weight, as `PowerOfTwo`); the one with the lower
     ``latency x (in_flight + 1) / weight`` wins, where latency is the shared peak EWMA
-    (`dispatcher.latency`): a backend that turns slow costs more from its first slow answer,
+    (`_latency`): a backend that turns slow costs more from its first slow answer,
     and a failure counts as an answer of at least a second, so a backend that fails fast
     never looks fast.
 

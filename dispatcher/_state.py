@@ -2,17 +2,15 @@
 
 Lock discipline, which every method here follows:
 
-* One lock guards every write to the segment. Reads may be unlocked (a strategy scanning
-  in-flight counts sees values at most one commit old); decisions that must be exact, like
-  "is this slot still the one I chose", are re-checked under the lock.
+* One lock (`_lock.SharedLock`) guards every write to the segment. Reads may be unlocked (a
+  strategy scanning in-flight counts sees values at most one commit old); decisions that must
+  be exact, like "is this slot still the one I chose", are re-checked under the lock.
 * Nothing under the lock blocks, performs I/O, calls user code or allocates more than a
   constant: values are computed before the lock is taken and only written inside it.
 * Each update writes the word that makes it visible last (a slot's STATE, the membership
   VERSION), so a process that dies between two writes leaves the update invisible, not
   half-done. The one derived total, global in-flight, can be recomputed from the per-worker
   rows (`repair`).
-* The holder's pid and the time it took the lock are written after every acquire, so a
-  waiter can tell a dead holder from a slow one.
 
 Each process that picks owns one worker row: its own in-flight per slot, next to its pid and
 start time, so the contribution of a process that dies mid-call can be subtracted (`reap`).
@@ -20,21 +18,18 @@ start time, so the contribution of a process that dies mid-call can be subtracte
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import logging
-import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from time import monotonic_ns
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from . import layout as L
+from . import _layout as L
+from ._latency import peak_ewma, sample_ns
+from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
+from ._lock import Semaphore, SharedLock
+from ._policy import WARMTH_STEPS, EjectionPolicy
+from ._view import BackendStats, Membership, View
+from ._workers import is_alive
 from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
-from .latency import peak_ewma, sample_ns
-from .layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_LOCK_SINCE_NS, H_VERSION, bucket_of
-from .policy import WARMTH_STEPS, EjectionPolicy
-from .workers import is_alive
 
 SUCCESS = 0
 FAILURE = 1
@@ -47,110 +42,22 @@ STALE = -1
 """`commit`: the view the choice came from is out of date."""
 
 
-class LockBusy(Exception):
-    """The shared lock stayed taken for an operation that was asked not to wait for it."""
-
-
-SPINS = 50
-"""Non-blocking tries before a waiter sleeps on the semaphore."""
-PATIENCE_S = 0.25
-"""Bounded wait between checks of whether the holder of the lock is still alive."""
-ANONYMOUS_HOLDER_NS = 2_000_000_000
-"""A lock held this long with no holder recorded belongs to a process that died between
-taking it and writing its pid."""
-
-log = logging.getLogger("dispatcher")
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive lock on `path`, through a descriptor of this process's own: forked
-    processes share the locks of the descriptors they inherited."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-class LockLike(Protocol):
-    def acquire(self, block: bool = ..., timeout: float = ..., /) -> bool: ...
-    def release(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    """What a strategy may read: the eligible slots of one membership version, and live loads.
-
-    `in_flight` and `latency` are indexed by slot and read without the lock; the other fields
-    are fixed for the life of the view. Tests of strategies build one from plain lists.
-    """
-
-    version: int
-    slots: tuple[int, ...]
-    """Eligible slots, ascending: live and not ejected."""
-    weights: Sequence[float]
-    """Weight of each slot, scaled down while it warms up after entering rotation."""
-    in_flight: Sequence[int]
-    latency: Sequence[float]
-    """Peak-EWMA latency in nanoseconds; 0.0 before a slot's first answer."""
-    expires_ns: int = 1 << 62
-    """When an ejection ends or a warm-up advances: the view must be rebuilt by then."""
-    panic: bool = False
-    """Too few backends were eligible: `slots` holds every registered one instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class BackendStats:
-    """One backend's numbers at one moment, the same from every attached process."""
-
-    addr: str
-    weight: int
-    in_flight: int
-    requests: int
-    failures: int
-    consecutive_failures: int
-    ejected: bool
-    ejected_until: float | None
-    """A `time.monotonic()` value in seconds, while ejected."""
-    times_ejected: int
-    down: bool
-    """Held out of rotation by failing active health checks."""
-    draining: bool
-    """Taking no new calls; removed once the calls in flight on it end."""
-    effective_weight: float
-    """`weight`, scaled down while the backend warms up after entering rotation."""
-    last_failure: float | None
-    latency_ewma: float | None
-    """Peak-EWMA latency in seconds."""
-    histogram: tuple[int, ...]
-    """Completed calls per latency bucket (see `dispatcher.layout.bucket_of`)."""
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class Membership:
-    view: View
-    addrs: tuple[str | None, ...]
-    """The address of every slot of `view.slots`, None for the others."""
-    live: frozenset[str]
-    """Every registered address, ejected or not."""
-
-
 class SharedState:
-    """Operations on one segment's words; every write happens under `lock`."""
+    """Operations on one segment's words; every write happens under `lock`.
+
+    `clock` gives every timestamp stored in the segment (CLOCK_MONOTONIC, which Linux shares
+    across processes, in nanoseconds); tests replace it to move time at will.
+    """
 
     def __init__(
         self,
         buffer: memoryview | bytearray,
         layout: L.Layout,
-        lock: LockLike,
+        semaphore: Semaphore,
         recovery_path: str | None = None,
     ) -> None:
         self.layout = layout
-        self._recovery_path = recovery_path
-        self.lock = lock
+        self.clock: Callable[[], int] = monotonic_ns
         self._buf = memoryview(buffer)[: layout.size]
         self._words = self._buf.cast("q")
         self._floats = self._buf.cast("d")
@@ -170,30 +77,41 @@ class SharedState:
         self._ewma = layout.field(L.EWMA_NS)
         self._stamp = layout.field(L.EWMA_STAMP_NS)
         self._rotation = layout.field(L.ROTATION_NS)
+        self._down = layout.field(L.DOWN)
         self._hist = layout.histogram
         self._zero_hist = bytes(L.BUCKETS * L.WORD)
         self.in_flight = self._slice(self._words, self._inflight)
         self.latency = self._slice(self._floats, self._ewma)
-        self._acquire = lock.acquire
-        self._release = lock.release
-        self._pid = os.getpid()
+        self.lock = SharedLock(
+            semaphore,
+            self._slice(self._words, H_LOCK_PID, 1),
+            alive=self._holder_alive,
+            repair=self._normalize,
+            recovery_path=recovery_path,
+        )
+        self._refresh_lock()
         self.policy = EjectionPolicy()
 
-    def _slice(self, view: memoryview[T], start: int) -> memoryview[T]:
-        part = view[start : start + self._c]
+    def _slice(self, view: memoryview[T], start: int, length: int = 0) -> memoryview[T]:
+        part = view[start : start + (length or self._c)]
         self._views.append(part)
         return part
+
+    def _refresh_lock(self) -> None:
+        """Cache what the two hot holds call, straight from the lock."""
+        self._try_acquire = self.lock.try_acquire
+        self._release = self.lock.release_semaphore
+        self._pid = self.lock.pid
 
     def release_views(self) -> None:
         """Drop every view of the buffer, so the segment can be closed."""
         for view in reversed(self._views):
             view.release()
 
-    def after_fork(self, lock: LockLike | None = None) -> None:
-        """In a new process: note its pid, and take `lock` if the old one stays behind."""
-        self._pid = os.getpid()
-        if lock is not None:
-            self.lock, self._acquire, self._release = lock, lock.acquire, lock.release
+    def after_fork(self, semaphore: Semaphore | None = None) -> None:
+        """In a new process: note its pid, and use `semaphore` if the old one stays behind."""
+        self.lock.after_fork(semaphore)
+        self._refresh_lock()
 
     # Header ------------------------------------------------------------------------------
 
@@ -234,94 +152,24 @@ class SharedState:
 
     def mark_closed(self) -> None:
         """Owner only: make every attached process's next pick fail with `SegmentError`."""
-        self._locked(lambda: self._words.__setitem__(L.H_VERSION, -1))
-
-    # The lock ----------------------------------------------------------------------------
-
-    def _lock(self, now: int, blocking: bool = True) -> None:
-        if not self._acquire(False):
-            self._contended(blocking)
-        self._words[H_LOCK_PID] = self._pid
-        self._words[H_LOCK_SINCE_NS] = now
-
-    def _unlock(self) -> None:
-        self._words[H_LOCK_PID] = 0
-        self._release()
+        with self.lock.held():
+            self._words[L.H_VERSION] = L.CLOSED
 
     def _locked(self, update: Callable[[], T], blocking: bool = True) -> T:
-        self._lock(monotonic_ns(), blocking)
-        try:
+        with self.lock.held(blocking):
             return update()
-        finally:
-            self._unlock()
-
-    def _wait(self) -> None:
-        """Take the lock after a failed try: spin briefly, then wait in bounded steps.
-
-        Spinning covers the usual hold of well under a microsecond without a futex sleep and
-        wake-up. Between bounded waits, a holder that died holding the lock is taken over.
-        """
-        if self._spin():
-            return
-        acquire = self._acquire
-        unknown_since = None
-        while not acquire(True, PATIENCE_S):
-            holder = int(self._words[H_LOCK_PID])
-            if holder == 0:
-                unknown_since = unknown_since or monotonic_ns()
-                if monotonic_ns() - unknown_since < ANONYMOUS_HOLDER_NS:
-                    continue
-            elif holder == self._pid or self._holder_alive(holder):
-                unknown_since = None
-                continue
-            if self._take_over(holder):
-                return
-
-    def _contended(self, blocking: bool) -> None:
-        """The first try failed: wait for the lock, or give up after a spin if not `blocking`."""
-        if blocking:
-            self._wait()
-        elif not self._spin():
-            raise LockBusy
-
-    def _spin(self) -> bool:
-        """Try to take the lock a few times without sleeping; whether it was taken."""
-        acquire = self._acquire
-        return any(acquire(False) for _ in range(SPINS))
 
     def _holder_alive(self, pid: int) -> bool:
+        """Whether the process `pid`, recorded as the lock's holder, still runs."""
         for _, row_pid, start in self.rows():
             if row_pid == pid:
                 return is_alive(pid, start)
         return is_alive(pid, None)
 
-    def _take_over(self, dead: int) -> bool:
-        """Become the holder of a lock whose holder died, then repair what it may have left.
-
-        The semaphore stays taken: ownership passes to this process, which releases it as
-        usual. A file lock on the segment, which the kernel releases if its holder dies too,
-        makes sure only one waiter takes over.
-        """
-        if self._recovery_path is None or not os.path.exists(self._recovery_path):
-            return False
-        with _file_lock(self._recovery_path):
-            if self._acquire(False):
-                return True
-            if int(self._words[H_LOCK_PID]) != dead:
-                return False
-            self._words[H_LOCK_PID] = self._pid
-            log.warning(
-                "process %s died holding the shared lock of %d backends; taking it over",
-                dead or "(unknown)",
-                self._c,
-            )
-            self._normalize()
-            return True
-
     # The hot path ------------------------------------------------------------------------
 
     def commit(
-        self, version: int, slot: int, cursor: int, row_base: int, now: int, blocking: bool = True
+        self, version: int, slot: int, cursor: int, row_base: int, blocking: bool = True
     ) -> int:
         """Count a call on `slot` if the view it was chosen from still holds.
 
@@ -331,12 +179,12 @@ class SharedState:
         view. Not `blocking`: raises `LockBusy` if the lock stays taken for a few tries.
         """
         words = self._words
-        # `_lock`/`_unlock`, written out: this and `finish` are the two holds of every call.
-        if not self._acquire(False):
-            self._contended(blocking)
+        # `lock.acquire`/`lock.release`, written out: this and `finish` are the two holds of
+        # every call.
+        if not self._try_acquire(False):
+            self.lock.wait(blocking)
         try:
             words[H_LOCK_PID] = self._pid
-            words[H_LOCK_SINCE_NS] = now
             if words[H_VERSION] != version:
                 return STALE
             if cursor >= 0:
@@ -364,7 +212,7 @@ class SharedState:
         A call whose slot was unregistered meanwhile (generation changed) leaves no trace.
         Not `blocking`: raises `LockBusy`, having recorded nothing, if the lock stays taken.
         """
-        now = monotonic_ns()
+        now = self.clock()
         words = self._words
         latency = now - start
         bucket = self._hist + slot * BUCKETS + bucket_of(latency)
@@ -373,11 +221,10 @@ class SharedState:
         average = self._floats[ewma_at]
         sample = sample_ns(latency, outcome == FAILURE)
         ewma = sample if sample >= average else peak_ewma(average, words[stamp_at], sample, now)
-        if not self._acquire(False):
-            self._contended(blocking)
+        if not self._try_acquire(False):
+            self.lock.wait(blocking)
         try:
             words[H_LOCK_PID] = self._pid
-            words[H_LOCK_SINCE_NS] = now
             if words[self._gen + slot] != generation:
                 return
             words[self._inflight + slot] -= 1
@@ -452,7 +299,7 @@ class SharedState:
         """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
         c = self._c
         version, f, addresses = self._copy_slots(blocking)
-        if version < 0:
+        if version == L.CLOSED:
             raise SegmentError("the balancer was closed by its owner")
 
         def column(field: int) -> Sequence[int]:
@@ -471,9 +318,7 @@ class SharedState:
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue
-            offset = slot * L.ADDRESS_BYTES
-            addr = addresses[offset + 1 : offset + 1 + addresses[offset]].decode()
-            addrs[slot] = addr
+            addr = addrs[slot] = L.read_address(addresses, slot)
             live.append(addr)
             if state[slot] == L.DRAINING:
                 continue
@@ -501,27 +346,25 @@ class SharedState:
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
         return Membership(view, tuple(addrs), frozenset(live))
 
-    def register(self, addr: bytes, weight: int, warm_up: bool = True) -> int:
-        """Put `addr` (canonical, encoded) in a free slot; return the slot.
+    def register(self, addr: str, weight: int, warm_up: bool = True) -> int:
+        """Put `addr` (canonical) in a free slot; return the slot.
 
         `warm_up`: the backend is new to a running pool, so slow start applies to it; the
         backends a pool starts with get their full share at once, as in Envoy.
         """
-        if len(addr) >= L.ADDRESS_BYTES:
-            raise ValueError(f"address {addr!r} does not fit a slot")
-        record = bytes([len(addr)]) + addr
-        now = monotonic_ns()
+        record = L.address_record(addr)
+        now = self.clock()
 
         def update() -> int:
             words = self._words
-            found = self._find(addr)
+            found = self._find(record)
             if found >= 0 and words[self._state + found] == L.DRAINING:
                 words[self._weight + found] = weight
                 words[self._state + found] = L.LIVE
                 words[H_VERSION] += 1
                 return found
             if found >= 0:
-                raise DuplicateBackend(addr.decode())
+                raise DuplicateBackend(addr)
             slot = next((s for s in range(self._c) if words[self._state + s] == L.FREE), -1)
             if slot < 0:
                 raise CapacityExceeded(f"all {self._c} backend slots are in use (capacity)")
@@ -541,37 +384,40 @@ class SharedState:
 
         return self._locked(update)
 
-    def unregister(self, addr: bytes) -> int:
+    def unregister(self, addr: str) -> int:
         """Free the slot of `addr` at once; calls still in flight on it will leave no trace."""
+        record = L.address_record(addr)
 
         def update() -> int:
-            slot = self._find(addr)
+            slot = self._find(record)
             if slot < 0:
-                raise UnknownBackend(addr.decode())
+                raise UnknownBackend(addr)
             self._free(slot)
             return slot
 
         return self._locked(update)
 
-    def set_weight(self, addr: bytes, weight: int) -> None:
+    def set_weight(self, addr: str, weight: int) -> None:
         """Change the weight of a registered backend; every process sees it on its next pick."""
+        record = L.address_record(addr)
 
         def update() -> None:
-            slot = self._find(addr)
+            slot = self._find(record)
             if slot < 0:
-                raise UnknownBackend(addr.decode())
+                raise UnknownBackend(addr)
             self._words[self._weight + slot] = weight
             self._words[H_VERSION] += 1
 
         self._locked(update)
 
-    def drain(self, addr: bytes) -> int:
+    def drain(self, addr: str) -> int:
         """Take `addr` out of rotation now and free its slot when its last call ends."""
+        record = L.address_record(addr)
 
         def update() -> int:
-            slot = self._find(addr)
+            slot = self._find(record)
             if slot < 0:
-                raise UnknownBackend(addr.decode())
+                raise UnknownBackend(addr)
             if self._words[self._inflight + slot] == 0:
                 self._free(slot)
             else:
@@ -591,21 +437,21 @@ class SharedState:
             words[self.row_base(row) + slot] = 0
         words[H_VERSION] += 1
 
-    def _find(self, addr: bytes) -> int:
-        """Lock held. The registered (live or draining) slot holding `addr`, or -1."""
+    def _find(self, record: bytes) -> int:
+        """Lock held. The registered (live or draining) slot whose address is `record`, or -1."""
         buf, words = self._buf, self._words
-        base, size = self.layout.addresses, len(addr)
+        base, size = self.layout.addresses, len(record)
         for slot in range(self._c):
             if words[self._state + slot] == L.FREE:
                 continue
             offset = base + slot * L.ADDRESS_BYTES
-            if buf[offset] == size and buf[offset + 1 : offset + 1 + size] == addr:
+            if buf[offset : offset + size] == record:
                 return slot
         return -1
 
     # Retry budget and health -----------------------------------------------------------
 
-    def take_retry(self, row_base: int, limit: int) -> bool:
+    def take_retry(self, row_base: int, limit: int, blocking: bool = True) -> bool:
         """Count one more retry under way, unless `limit` of them already are."""
 
         def update() -> bool:
@@ -616,34 +462,37 @@ class SharedState:
             words[row_base - L.W_HEADER + L.W_RETRIES] += 1
             return True
 
-        return self._locked(update)
+        return self._locked(update, blocking)
 
-    def return_retry(self, row_base: int) -> None:
+    def return_retry(self, row_base: int, blocking: bool = True) -> None:
+        """Count one retry fewer under way: it ended."""
+
         def update() -> None:
             self._words[L.H_RETRIES] -= 1
             self._words[row_base - L.W_HEADER + L.W_RETRIES] -= 1
 
-        self._locked(update)
+        self._locked(update, blocking)
 
     def retries(self) -> int:
         return int(self._words[L.H_RETRIES])
 
-    def set_health(self, addr: bytes, passing: bool | None, down: bool) -> bool:
+    def set_health(self, addr: str, passing: bool | None, down: bool) -> bool:
         """Record an active health check's verdict on `addr`; True if rotation changed.
 
         `down` holds the backend out of rotation; a `passing` probe also ends a passive
         ejection early (as Envoy does), since the backend has shown it answers again.
         """
-        now = monotonic_ns()
+        record = L.address_record(addr)
+        now = self.clock()
 
         def update() -> bool:
             words = self._words
-            slot = self._find(addr)
+            slot = self._find(record)
             if slot < 0:
                 return False
-            was_down = bool(words[self.layout.field(L.DOWN) + slot])
+            was_down = bool(words[self._down + slot])
             changed = was_down != down
-            words[self.layout.field(L.DOWN) + slot] = int(down)
+            words[self._down + slot] = int(down)
             if was_down and not down:
                 words[self._rotation + slot] = now
             if passing and words[self._ejected_until + slot] > now:
@@ -679,10 +528,9 @@ class SharedState:
             warm_since = max(until, at(L.ROTATION_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
-            offset = slot * L.ADDRESS_BYTES
             stats.append(
                 BackendStats(
-                    addr=addresses[offset + 1 : offset + 1 + addresses[offset]].decode(),
+                    addr=L.read_address(addresses, slot),
                     weight=at(L.WEIGHT, slot),
                     in_flight=at(L.IN_FLIGHT, slot),
                     requests=at(L.REQUESTS, slot),

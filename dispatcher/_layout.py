@@ -18,7 +18,7 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
     |                    |                   IN_FLIGHT[c])                 |
     +--------------------+-------------------------------------------------+
 
-Nothing here takes a lock; `dispatcher.state` says which lock guards which word.
+Nothing here takes a lock; `_state` says which lock guards which word.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ H_MAX_WORKERS = 3
 H_SIZE = 4
 H_OWNER_PID = 5
 H_VERSION = 6
-"""Membership version: bumped by every change of the eligible set; -1 once the owner closed."""
+"""Membership version: bumped by every change of the eligible set; CLOSED once the owner closed."""
+CLOSED = -1
 H_CURSOR = 7
 H_LOCK_PID = 8
-H_LOCK_SINCE_NS = 9
+"""The pid of the process holding the lock, 0 when free or just taken (see `_lock`)."""
 H_FAILURE_THRESHOLD = 10
 H_EJECTION_BASE_NS = 11
 H_EJECTION_MAX_NS = 12
@@ -174,6 +175,20 @@ def read_layout(words: memoryview, name: str, size: int) -> Layout:
             f"and its layout needs {layout.size}"
         )
     return layout
+
+
+def address_record(addr: str) -> bytes:
+    """A slot's address as stored: a length byte, then the canonical ``host:port`` in ASCII."""
+    data = addr.encode("ascii")
+    if len(data) >= ADDRESS_BYTES:
+        raise ValueError(f"address {addr!r} does not fit a slot")
+    return bytes([len(data)]) + data
+
+
+def read_address(addresses: bytes | bytearray | memoryview, slot: int) -> str:
+    """The address of `slot` in a copy (or view) of the address region."""
+    offset = slot * ADDRESS_BYTES
+    return bytes(addresses[offset + 1 : offset + 1 + addresses[offset]]).decode("ascii")
 
 
 def write_name(buf: memoryview, word: int, value: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import check_int, check_seconds
+from ._checks import check_int, check_seconds
 
 NS = 1_000_000_000
 MIN_WARMTH = 0.1

@@ -3,8 +3,8 @@
 Two jobs need doing with no traffic at all: reclaiming the in-flight counts of workers that
 died (within a second, without waiting for the next call), and active health checks. They
 run in one child process of the owner, started with `subprocess` (a fresh interpreter: no
-fork of a threaded process, no re-import of the owner's ``__main__``), attached to the
-segment like any worker.
+fork of a threaded process, no re-import of the owner's ``__main__``), which opens the segment
+as ``top`` does, with a `Segment` handle: it never picks, so it claims no worker row.
 
 Why not a thread in the owner: the owner is typically a gunicorn master or a pool's parent,
 which forks workers after the balancer exists. A thread there makes every ``os.fork()`` copy a
@@ -28,13 +28,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ._health import HealthCheck, HealthTracker
+from ._segment import Segment
 from .errors import SegmentError
-from .health import HealthCheck, HealthTracker
-
-if TYPE_CHECKING:
-    from .balancer import Balancer
 
 REAP_INTERVAL_S = 0.5
 """How often dead workers are looked for: a dead worker's counts are reclaimed within 1 s,
@@ -54,7 +51,7 @@ def start(name: str, health: HealthCheck | None) -> subprocess.Popen[bytes]:
     """Start the monitor of segment `name` for this (owner) process."""
     spec = pickle.dumps(Spec(name, os.getpid(), health))  # an unpicklable check fails here
     process = subprocess.Popen(
-        [sys.executable, "-c", "from dispatcher.monitor import main; main()"],
+        [sys.executable, "-c", "from dispatcher._monitor import main; main()"],
         stdin=subprocess.PIPE,
         close_fds=True,
         start_new_session=True,  # Ctrl-C in a terminal is the owner's to handle, not ours
@@ -84,11 +81,9 @@ def run(spec: Spec) -> None:
     Probe rounds run on a thread of their own, so a slow or hanging probe never delays
     reaping; a round still running when the next is due makes that one wait.
     """
-    from .balancer import Balancer  # noqa: PLC0415 - balancer.py imports this module
-
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        balancer = Balancer.attach(spec.name, strategy="round_robin")
+        segment = Segment.open(spec.name)
     except SegmentError:
         return  # the owner closed the balancer before this process was up
     health = spec.health
@@ -98,14 +93,14 @@ def run(spec: Spec) -> None:
     current: Future[None] | None = None
     next_probe = time.monotonic()
     try:
-        while os.getppid() == spec.owner_pid and not balancer.closed_by_owner:
-            dead = balancer.reap()
+        while os.getppid() == spec.owner_pid and not segment.closed_by_owner:
+            dead = segment.reap()
             if dead:
                 log.warning("reclaimed the calls in flight of %d dead worker(s)", dead)
             due = health is not None and time.monotonic() >= next_probe
             if health and tracker and due and (current is None or current.done()):
                 next_probe = time.monotonic() + health.interval
-                current = rounds.submit(check_all, balancer, health, tracker, probes)
+                current = rounds.submit(check_all, segment, health, tracker, probes)
             wait = min(REAP_INTERVAL_S, max(next_probe - time.monotonic(), 0.01))
             if signal.sigtimedwait({signal.SIGTERM}, wait if health else REAP_INTERVAL_S):
                 break
@@ -114,14 +109,14 @@ def run(spec: Spec) -> None:
         probes.shutdown(wait=False, cancel_futures=True)
         if current is not None and health is not None:
             wait_for_futures([current], timeout=2 * health.timeout)
-        balancer.close()
+        segment.close()
 
 
 def check_all(
-    balancer: Balancer, health: HealthCheck, tracker: HealthTracker, probes: ThreadPoolExecutor
+    segment: Segment, health: HealthCheck, tracker: HealthTracker, probes: ThreadPoolExecutor
 ) -> None:
     """Probe every registered backend at once, then record each verdict."""
-    addrs = [stats.addr for stats in balancer.snapshot() if not stats.draining]
+    addrs = [stats.addr for stats in segment.snapshot() if not stats.draining]
     try:
         results = list(probes.map(health.probe, addrs))
     except RuntimeError:
@@ -129,7 +124,7 @@ def check_all(
     tracker.forget(set(addrs))
     for addr, passed in zip(addrs, results, strict=True):
         down = tracker.observe(addr, passed)
-        if balancer._state.set_health(addr.encode(), passed, down):
+        if segment.state.set_health(addr, passed, down):
             log.warning("%s is %s", addr, "down: failing health checks" if down else "up")
 
 
@@ -137,5 +132,5 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="dispatcher monitor: %(message)s")
     spec = pickle.load(sys.stdin.buffer)
     if not isinstance(spec, Spec):
-        raise SystemExit("dispatcher.monitor expects a Spec on standard input")
+        raise SystemExit("dispatcher's monitor expects a Spec on standard input")
     run(spec)

@@ -3,6 +3,7 @@
 A call flows one way: the shared state gives a `View`, the strategy picks a slot from it, the
 state commits the pick under the lock (or the balancer asks again if the view went stale),
 the backend proxy of this process answers outside the lock, and the state records the outcome.
+`_begin` is that flow up to the backend call; `_call.Call` is the rest.
 
 The process that creates a balancer owns its segment and unlinks it on close. A forked child
 keeps the mapping; a spawned child, or any process given the pickled balancer or its name,
@@ -15,42 +16,32 @@ import hashlib
 import os
 import subprocess
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable
-from multiprocessing import shared_memory
-from time import monotonic_ns
 from typing import Any
 
-from . import layout as L
-from . import monitor as _monitor
-from . import segment, workers
-from .address import parse_address
-from .backends import Backend, HttpBackend
-from .checks import MAX_WEIGHT, check_int, check_seconds
+from . import _layout as L
+from . import _monitor
+from ._address import parse_address
+from ._backends import Backend, HttpBackend
+from ._call import SLOT, Attempts, Call, arun, end_cancelled, off_loop, run
+from ._checks import MAX_WEIGHT, check_int, check_seconds
+from ._health import HealthCheck
+from ._layout import H_CURSOR, H_VERSION
+from ._policy import EjectionPolicy
+from ._segment import Segment
+from ._state import SharedState
+from ._strategies import STRATEGIES, Strategy, make_strategy
+from ._view import BackendStats, Membership, View
+from ._workers import start_time
 from .errors import (
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
+    LockBusy,
     NoBackendAvailable,
     SegmentError,
 )
-from .health import HealthCheck
-from .layout import H_CURSOR, H_VERSION
-from .lock import new_lock, open_lock
-from .policy import EjectionPolicy
-from .state import (
-    CANCELLED,
-    FAILURE,
-    SUCCESS,
-    BackendStats,
-    LockBusy,
-    LockLike,
-    Membership,
-    SharedState,
-    View,
-)
-from .strategies import STRATEGIES, Strategy, make_strategy
 
 BackendFactory = Callable[[str], Backend]
 
@@ -60,9 +51,12 @@ MAX_RETRIES = 100
 RETRY_BUDGET_PERCENT = 20
 RETRY_MIN_CONCURRENCY = 3
 
-_CLOSED = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
-_CLOSED[L.H_VERSION] = -2
-_NO_VIEW = Membership(View(-3, (), (), (), ()), (), frozenset())
+_UNBUILT = -2
+"""The version of the view a balancer starts with, and keeps once closed: no segment has it,
+so the next pick rebuilds the view (or, once closed, refuses)."""
+_NO_VIEW = Membership(View(_UNBUILT, (), (), (), ()), (), frozenset())
+_CLOSED_WORDS = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
+_CLOSED_WORDS[H_VERSION] = L.CLOSED
 
 _balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
 
@@ -121,67 +115,41 @@ class Balancer:
             raise CapacityExceeded(f"{len(parsed)} addresses do not fit capacity={capacity}")
 
         layout = L.Layout(capacity, max_workers)
-        shm: shared_memory.SharedMemory | None = None
-        lock: LockLike
-        if shared:
-            lock, lock_name = new_lock()
-            shm = segment.create(layout.size)
-            buf = segment.buffer(shm)
-        else:
-            lock, lock_name, buf = threading.Lock(), "", memoryview(bytearray(layout.size))
-        state = SharedState(buf, layout, lock, segment.path(shm))
+        name = strategy if isinstance(strategy, str) else ""
+        segment = Segment.create(layout, policy, parsed, strategy_name=name, shared=shared)
         try:
-            L.write_header(state.words, layout, os.getpid())
-            L.write_name(buf, L.H_LOCK_NAME, lock_name)
-            L.write_name(buf, L.H_STRATEGY_NAME, strategy if isinstance(strategy, str) else "")
-            state.store_policy(policy)
-            for addr in parsed:
-                state.register(addr.encode(), 1, warm_up=False)
-            watcher = _monitor.start(shm.name, health_check) if shm and monitor else None
+            watcher = _monitor.start(segment.name, health_check) if shared and monitor else None
         except BaseException:
-            state.release_views()
-            del buf
-            if shm is not None:
-                shm.close()
-                shm.unlink()
+            segment.close()
             raise
-        self._lock_keepalive = lock
-        self._setup(shm, state, strategy, chosen, backend_factory, owner=True, monitor=watcher)
+        self._setup(segment, strategy, chosen, backend_factory, watcher)
 
     def _setup(
         self,
-        shm: shared_memory.SharedMemory | None,
-        state: SharedState,
+        segment: Segment,
         spec: str | Strategy,
         strategy: Strategy,
         backend_factory: BackendFactory,
-        *,
-        owner: bool,
         monitor: subprocess.Popen[bytes] | None = None,
     ) -> None:
-        self._shm = shm
-        self._state = state
-        self._words = state.words
+        self._segment = segment
+        self._state = segment.state
+        self._words = segment.state.words
         self._spec = spec
         self._strategy = strategy
         self._uses_cursor = bool(strategy.uses_cursor)
         self._factory = backend_factory
-        self._owner_pid = os.getpid() if owner else -1
         self._closed = False
-        self._finalizer = weakref.finalize(
-            self, _close_segment, shm, state, self._owner_pid, monitor
-        )
+        self._finalizer = weakref.finalize(self, _release, segment, monitor)
         self._reset_process()
         _balancers.add(self)
 
     def _reset_process(self) -> None:
         """Forget everything that belongs to one process: worker row, proxies, view cache."""
-        self._pid = os.getpid()
         self._row_base = -1
         self._proxies: dict[str, Backend] = {}
         self._membership = _NO_VIEW
         self._local_lock = threading.Lock()
-        self._state.after_fork(None if self._shm else threading.Lock())
 
     # Attaching ---------------------------------------------------------------------------
 
@@ -197,37 +165,24 @@ class Balancer:
 
         `strategy` defaults to the owner's, when the owner chose one by name.
         """
-        shm = segment.attach(name)
+        segment = Segment.open(name)
         try:
-            buf = segment.buffer(shm)
-            header = buf[: L.HEADER_WORDS * L.WORD].cast("q")
-            try:
-                layout = L.read_layout(header, name, shm.size)
-                closed = header[L.H_VERSION] < 0
-            finally:
-                header.release()
-            if closed:
-                raise SegmentError(f"the balancer {name!r} was closed by its owner")
             if strategy is None:
-                strategy = L.read_name(buf, L.H_STRATEGY_NAME)
+                strategy = segment.strategy_name
                 if strategy not in STRATEGIES:
                     raise ValueError(
                         f"the owner of {name!r} uses a custom strategy: pass strategy= to attach"
                     )
             chosen = make_strategy(strategy)
-            lock = open_lock(L.read_name(buf, L.H_LOCK_NAME))
-            state = SharedState(buf, layout, lock, segment.path(shm))
-            state.load_policy()
         except BaseException:
-            shm.close()
+            segment.close()
             raise
         balancer = cls.__new__(cls)
-        balancer._lock_keepalive = lock
-        balancer._setup(shm, state, strategy, chosen, backend_factory, owner=False)
+        balancer._setup(segment, strategy, chosen, backend_factory)
         return balancer
 
     def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
-        if self._shm is None:
+        if not self.name:
             raise TypeError("a Balancer made with shared=False lives in one process only")
         return (_attach_pickled, (self.name, self._factory, self._spec))
 
@@ -246,59 +201,91 @@ class Balancer:
         """
         if timeout is not None:
             check_seconds("timeout", timeout)
-        key_hash = None if key is None else _key_hash(key)
+        key_hash = None if key is None else key_hash_of(key)
         if retries:
             check_int("retries", retries, 0, MAX_RETRIES)
             return self._invoke_with_retries(request, timeout, key_hash, retries)
-        slot, generation, proxy = self._pick(key_hash)
-        return self._call(slot, generation, proxy, request, timeout)
+        return run(self._begin(key_hash), request, timeout)
 
-    def _call(
-        self, slot: int, generation: int, proxy: Backend, request: Any, timeout: float | None
+    async def ainvoke(
+        self, request: Any, *, timeout: float | None = None, key: object = None, retries: int = 0
     ) -> Any:
-        finish, row = self._state.finish, self._row_base
-        start = monotonic_ns()
-        try:
-            response = proxy.invoke(request, timeout=timeout)
-        except Exception:
-            finish(slot, generation, row, FAILURE, start)
-            raise
-        except BaseException:
-            finish(slot, generation, row, CANCELLED, start)
-            raise
-        finish(slot, generation, row, SUCCESS, start)
-        return response
+        """`invoke` for an event loop, which it never blocks on the shared lock.
+
+        The backends must be async: ``backend_factory=AsyncHttpBackend`` (`dispatcher.aio`), or
+        any whose backends have ``async def ainvoke(request, *, timeout=None)``. A cancelled
+        call (``asyncio.CancelledError``) counts as cancelled, not as the backend's failure.
+        """
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        key_hash = None if key is None else key_hash_of(key)
+        if retries:
+            check_int("retries", retries, 0, MAX_RETRIES)
+            return await self._ainvoke_with_retries(request, timeout, key_hash, retries)
+        call = await off_loop(self._begin, key_hash, frozenset(), undo=end_cancelled)
+        return await arun(call, request, timeout)
 
     def _invoke_with_retries(
         self, request: Any, timeout: float | None, key: int | None, retries: int
     ) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tried: set[int] = set()
-        failure: Exception | None = None
-        for attempt in range(retries + 1):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if failure is not None:
-                if remaining is not None and remaining <= 0:
-                    raise failure
-                if not self._state.take_retry(self._row_base, self._retry_limit()):
-                    raise failure
+        attempts = Attempts(timeout, retries)
+        state = self._state
+        while True:
+            remaining = attempts.remaining()
+            retry = attempts.failure is not None
+            if retry and not state.take_retry(self._row_base, self._retry_limit()):
+                raise attempts.failure  # type: ignore[misc]
             try:
                 try:
-                    slot, generation, proxy = self._pick(key, frozenset(tried))
+                    call = self._begin(key, frozenset(attempts.tried))
                 except NoBackendAvailable:
-                    if failure is not None:
-                        raise failure from None
+                    if attempts.failure is not None:
+                        raise attempts.failure from None
                     raise
-                tried.add(slot)
-                return self._call(slot, generation, proxy, request, remaining)
+                attempts.tried.add(call[SLOT])
+                return run(call, request, remaining)
             except Exception as exc:
-                if attempt == retries or exc is failure:
+                if not attempts.may_retry(exc):
                     raise
-                failure = exc
             finally:
-                if attempt:
-                    self._state.return_retry(self._row_base)
-        raise AssertionError("unreachable")  # pragma: no cover
+                if retry:
+                    state.return_retry(self._row_base)
+
+    async def _ainvoke_with_retries(
+        self, request: Any, timeout: float | None, key: int | None, retries: int
+    ) -> Any:
+        attempts = Attempts(timeout, retries)
+        state = self._state
+        while True:
+            remaining = attempts.remaining()
+            retry = attempts.failure is not None
+            row = self._row_base
+
+            def give_back(taken: bool, row: int = row) -> None:
+                if taken:
+                    state.return_retry(row)
+
+            if retry and not await off_loop(
+                state.take_retry, row, self._retry_limit(), undo=give_back
+            ):
+                raise attempts.failure  # type: ignore[misc]
+            try:
+                try:
+                    call = await off_loop(
+                        self._begin, key, frozenset(attempts.tried), undo=end_cancelled
+                    )
+                except NoBackendAvailable:
+                    if attempts.failure is not None:
+                        raise attempts.failure from None
+                    raise
+                attempts.tried.add(call[SLOT])
+                return await arun(call, request, remaining)
+            except Exception as exc:
+                if not attempts.may_retry(exc):
+                    raise
+            finally:
+                if retry:
+                    await off_loop(state.return_retry, row)
 
     def _retry_limit(self) -> int:
         """Envoy's retry budget: retries under way may be 20% of calls in flight, at least 3."""
@@ -306,20 +293,22 @@ class Balancer:
         in_flight = sum(view.in_flight[slot] for slot in view.slots)
         return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
 
-    def _pick(
+    def _begin(
         self, key: int | None, exclude: frozenset[int] = frozenset(), blocking: bool = True
-    ) -> tuple[int, int, Backend]:
-        """Choose and commit a slot; return it with its generation and this process's proxy.
+    ) -> Call:
+        """Choose a backend and count the call on it; the `Call` must be ended exactly once.
 
         `exclude`: slots this call already tried (retries); if the strategy chooses one, the
         least loaded of the others is taken instead, so the strategy's cached structures stay
-        valid. Not `blocking`: raise `LockBusy` instead of waiting for a lock that stays taken.
+        valid. Not `blocking`: raise `LockBusy`, having counted nothing, instead of waiting
+        for a lock that stays taken.
         """
         if self._row_base < 0:
             self._claim_row(blocking)
-        words, strategy, commit = self._words, self._strategy, self._state.commit
+        state = self._state
+        words, strategy, commit, clock = self._words, self._strategy, state.commit, state.clock
         while True:
-            now = monotonic_ns()
+            now = clock()
             membership = self._membership
             view = membership.view
             if view.version != words[H_VERSION] or now >= view.expires_ns:
@@ -338,9 +327,10 @@ class Balancer:
             proxy = self._proxies.get(addr)
             if proxy is None:
                 proxy = self._proxy(addr)
-            generation = commit(view.version, slot, cursor, self._row_base, now, blocking)
+            row = self._row_base
+            generation = commit(view.version, slot, cursor, row, blocking)
             if generation >= 0:
-                return slot, generation, proxy
+                return state, slot, generation, proxy, row, now
 
     def _refresh(self, now: int, blocking: bool = True) -> Membership:
         if self._closed:
@@ -367,13 +357,13 @@ class Balancer:
             if self._row_base >= 0:
                 return
             pid = os.getpid()
-            start = workers.start_time(pid)
+            start = start_time(pid)
             if start is None:
                 raise DispatcherError(f"cannot read the start time of this process ({pid})")
             row = state.claim_row(pid, start, blocking)
             if row < 0 and not blocking:
                 raise LockBusy  # reaping rows may take the lock for long: let a thread do it
-            if row < 0 and self.reap():
+            if row < 0 and self._segment.reap():
                 row = state.claim_row(pid, start)
             if row < 0:
                 raise CapacityExceeded(
@@ -389,26 +379,18 @@ class Balancer:
             return "no backend is registered"
         return f"none of the {len(stats)} backends is eligible (ejected, down or draining)"
 
-    async def ainvoke(
-        self, request: Any, *, timeout: float | None = None, key: object = None
-    ) -> Any:
-        """`invoke` for an event loop: the backends must be async (see `dispatcher.aio`)."""
-        from .aio import ainvoke  # noqa: PLC0415  (aio imports this module)
-
-        return await ainvoke(self, request, timeout=timeout, key=key)
-
     # Membership --------------------------------------------------------------------------
 
     def register(self, addr: str, weight: int = 1) -> None:
         """Add a backend; every process sees it on its next pick."""
         canonical = parse_address(addr)
         check_int("weight", weight, 1, MAX_WEIGHT)
-        self._live_state().register(canonical.encode(), weight)
+        self._live_state().register(canonical, weight)
 
     def unregister(self, addr: str) -> None:
         """Remove a backend at once; calls in flight on it finish and leave no count behind."""
         canonical = parse_address(addr)
-        self._live_state().unregister(canonical.encode())
+        self._live_state().unregister(canonical)
         with self._local_lock:
             proxy = self._proxies.pop(canonical, None)
         _close_proxy(proxy)
@@ -417,18 +399,19 @@ class Balancer:
         """Change a registered backend's weight; every process sees it on its next pick."""
         canonical = parse_address(addr)
         check_int("weight", weight, 1, MAX_WEIGHT)
-        self._live_state().set_weight(canonical.encode(), weight)
+        self._live_state().set_weight(canonical, weight)
 
     def drain(self, addr: str) -> None:
         """Stop new calls to a backend; its slot is freed when its calls in flight end.
 
         Registering the address again before then puts it back in rotation as it was.
         """
-        self._live_state().drain(parse_address(addr).encode())
+        self._live_state().drain(parse_address(addr))
 
     def snapshot(self) -> list[BackendStats]:
         """Every registered backend's numbers, as every attached process sees them."""
-        return self._live_state().snapshot(monotonic_ns())
+        self._live_state()
+        return self._segment.snapshot()
 
     def reap(self, *, blocking: bool = True) -> int:
         """Reclaim the in-flight counts of worker processes that died; return how many died.
@@ -436,12 +419,13 @@ class Balancer:
         Not `blocking` (from a signal handler, which may have interrupted this very process
         inside the lock): raise `LockBusy` rather than wait for the lock.
         """
-        state = self._live_state()
-        dead = 0
-        for row, pid, start in state.rows():
-            if not workers.is_alive(pid, start) and state.reap(row, pid, start, blocking):
-                dead += 1
-        return dead
+        self._live_state()
+        return self._segment.reap(blocking=blocking)
+
+    def backends(self) -> list[Backend]:
+        """This process's backend proxies, one per address it has called so far."""
+        with self._local_lock:
+            return list(self._proxies.values())
 
     def _live_state(self) -> SharedState:
         if self._closed:
@@ -453,21 +437,22 @@ class Balancer:
     @property
     def name(self) -> str:
         """The shared segment's name: what `Balancer.attach` and ``dispatcher top`` take."""
-        return self._shm.name if self._shm else ""
+        return self._segment.name
 
     @property
     def is_owner(self) -> bool:
-        return self._owner_pid == os.getpid()
+        return self._segment.is_owner
 
     @property
     def owner_pid(self) -> int:
         """The pid of the process that created the balancer (and owns its segment)."""
-        return int(self._live_state().words[L.H_OWNER_PID])
+        return self._segment.owner_pid
 
     @property
     def strategy_name(self) -> str:
         """The owner's strategy, by name ("" for a custom strategy object)."""
-        return L.read_name(self._live_state().buffer, L.H_STRATEGY_NAME)
+        self._live_state()
+        return self._segment.strategy_name
 
     @property
     def closed(self) -> bool:
@@ -477,7 +462,7 @@ class Balancer:
     @property
     def closed_by_owner(self) -> bool:
         """Whether the owner closed the balancer: its segment is gone, its numbers frozen."""
-        return self._live_state().version() < 0
+        return self._live_state().version() == L.CLOSED
 
     @property
     def backend_factory(self) -> BackendFactory:
@@ -485,7 +470,8 @@ class Balancer:
 
     def workers(self) -> list[int]:
         """Pids of the live processes that have picked through this balancer."""
-        return [pid for _, pid, start in self._live_state().rows() if workers.is_alive(pid, start)]
+        self._live_state()
+        return self._segment.workers()
 
     @property
     def strategy(self) -> Strategy:
@@ -502,7 +488,7 @@ class Balancer:
         if self._row_base >= 0 and self._state.version() >= 0:
             self._state.reap(self._row_index, os.getpid(), self._row_start)
         self._closed = True
-        self._words = _CLOSED
+        self._words = _CLOSED_WORDS
         self._membership = _NO_VIEW
         with self._local_lock:
             proxies, self._proxies = self._proxies, {}
@@ -524,22 +510,17 @@ class Balancer:
         return f"<Balancer {self.name or 'unshared'} {state} strategy={self._spec!r}>"
 
 
-def _close_segment(
-    shm: shared_memory.SharedMemory | None,
-    state: SharedState,
-    owner_pid: int,
-    monitor: subprocess.Popen[bytes] | None,
-) -> None:
-    owner = owner_pid == os.getpid()
-    if owner:
-        state.mark_closed()
+def open_balancers() -> list[Balancer]:
+    """The balancers of this process that are not closed."""
+    return [balancer for balancer in list(_balancers) if not balancer.closed]
+
+
+def _release(segment: Segment, monitor: subprocess.Popen[bytes] | None) -> None:
+    try:
+        segment.close()
+    finally:
         if monitor is not None:
             _monitor.stop(monitor)
-    state.release_views()
-    if shm is not None:
-        shm.close()
-        if owner:
-            shm.unlink()
 
 
 def _least_loaded_except(view: View, exclude: frozenset[int]) -> int:
@@ -560,7 +541,7 @@ def _attach_pickled(name: str, backend_factory: BackendFactory, spec: str | Stra
     return Balancer.attach(name, backend_factory=backend_factory, strategy=spec)
 
 
-def _key_hash(key: object) -> int:
+def key_hash_of(key: object) -> int:
     """A 64-bit hash of `key` that is the same in every process (unlike the salted ``hash``)."""
     if isinstance(key, str):
         data = key.encode("utf-8", "surrogatepass")
@@ -574,9 +555,9 @@ def _key_hash(key: object) -> int:
 
 
 def _after_fork_in_child() -> None:
-    for balancer in list(_balancers):
-        if not balancer._closed:
-            balancer._reset_process()
+    for balancer in open_balancers():
+        balancer._segment.after_fork()
+        balancer._reset_process()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,8 +1,4 @@
-"""The command line: ``python -m dispatcher`` runs the demo, ``... top`` watches a server.
-
-``top`` attaches read-only: it calls `Balancer.snapshot` and reads the worker rows, and never
-picks, so it claims no worker row and changes no count of the server it watches.
-"""
+"""The command line: ``python -m dispatcher`` runs the demo, ``... top`` watches a server."""
 
 from __future__ import annotations
 
@@ -11,16 +7,13 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator, Sequence
 
-import psutil
 from rich.console import Console
 
+from .._strategies import STRATEGIES
 from . import demo
-from .dashboard import Sampler, Screen, open_target, render
-from .errors import SegmentError
-from .strategies import STRATEGIES
+from .top import top
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PLAIN_WIDTH = 120
@@ -149,45 +142,3 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def top(
-    target: str,
-    console: Console,
-    stop: threading.Event,
-    *,
-    once: bool = False,
-    interval: float = 0.25,
-) -> int:
-    """Show the live state of the balancer named `target` (or owned by pid `target`)."""
-    try:
-        balancer = open_target(target)
-    except SegmentError as exc:
-        console.print(f"dispatcher top: {exc}", highlight=False)
-        return 1
-    with balancer:
-        owner = balancer.owner_pid
-        sampler = Sampler(
-            balancer.snapshot,
-            balancer.workers,
-            title="dispatcher top",
-            source=f"{balancer.name} (owner pid {owner})",
-            strategy=balancer.strategy_name,
-        )
-        if once:
-            sampler.sample()
-            time.sleep(min(interval * 2, 1.0))
-            console.print(render(sampler.sample()))
-            return 0
-        with Screen(console) as screen:
-            while not stop.is_set() and not balancer.closed_by_owner and psutil.pid_exists(owner):
-                screen.show(sampler.sample())
-                stop.wait(interval)
-        if balancer.closed_by_owner:
-            console.print(f"dispatcher top: {balancer.name} was closed by its owner")
-        elif not stop.is_set():
-            console.print(
-                f"dispatcher top: the owner of {balancer.name} (pid {owner}) exited "
-                "without closing it"
-            )
-    return 0

@@ -39,13 +39,13 @@ from typing import Any
 
 from rich.console import Console
 
-from .backends import HttpBackend, HttpRequest
-from .balancer import Balancer
+from .._backends import HttpBackend, HttpRequest
+from .._balancer import Balancer
+from .._health import HealthCheck
+from .._pool import WorkerPool
+from ..discovery import Discovery, EtcdResolver
+from ..errors import NoBackendAvailable
 from .dashboard import Frame, Sampler, Screen, render, summary
-from .discovery import Discovery, EtcdResolver
-from .errors import NoBackendAvailable
-from .health import HealthCheck
-from .pool import WorkerPool
 
 DEFAULT_STRATEGY = "least_loaded"
 REQUEST = HttpRequest("GET", "/work")

@@ -1,0 +1,1 @@
+"""What ``python -m dispatcher`` shows: the demo, the live dashboard, and ``top``."""
