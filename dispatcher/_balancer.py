@@ -24,21 +24,29 @@ from . import _layout as L
 from . import _monitor
 from ._address import parse_address
 from ._backends import Backend, HttpBackend
-from ._call import SLOT, Attempts, Call, arun, end_cancelled, off_loop, run
+from ._call import Attempts, off_loop
 from ._checks import MAX_WEIGHT, check_int, check_seconds
 from ._health import HealthCheck
 from ._layout import H_CURSOR, H_VERSION
 from ._policy import EjectionPolicy
 from ._segment import Segment
-from ._state import SharedState
+from ._state import (
+    CANCELLED,
+    FAILURE,
+    GENERATION,
+    PROXY,
+    SLOT,
+    START,
+    SUCCESS,
+    UNCOUNTED,
+    SharedState,
+)
 from ._strategies import STRATEGIES, Strategy, make_strategy
 from ._view import BackendStats, Membership, View
-from ._workers import start_time
 from .errors import (
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
-    LockBusy,
     NoBackendAvailable,
     SegmentError,
 )
@@ -120,9 +128,9 @@ class Balancer:
         try:
             watcher = _monitor.start(segment.name, health_check) if shared and monitor else None
         except BaseException:
-            segment.close()
+            segment.close(unlink=True)
             raise
-        self._setup(segment, strategy, chosen, backend_factory, watcher)
+        self._setup(segment, strategy, chosen, backend_factory, owner=True, monitor=watcher)
 
     def _setup(
         self,
@@ -130,9 +138,12 @@ class Balancer:
         spec: str | Strategy,
         strategy: Strategy,
         backend_factory: BackendFactory,
+        *,
+        owner: bool = False,
         monitor: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self._segment = segment
+        self._owner_pid = os.getpid() if owner else -1
         self._state = segment.state
         self._words = segment.state.words
         self._spec = spec
@@ -140,13 +151,12 @@ class Balancer:
         self._uses_cursor = bool(strategy.uses_cursor)
         self._factory = backend_factory
         self._closed = False
-        self._finalizer = weakref.finalize(self, _release, segment, monitor)
+        self._finalizer = weakref.finalize(self, _release, segment, owner, monitor)
         self._reset_process()
         _balancers.add(self)
 
     def _reset_process(self) -> None:
-        """Forget everything that belongs to one process: worker row, proxies, view cache."""
-        self._row_base = -1
+        """Forget everything that belongs to one process: proxies, view cache."""
         self._proxies: dict[str, Backend] = {}
         self._membership = _NO_VIEW
         self._local_lock = threading.Lock()
@@ -205,7 +215,7 @@ class Balancer:
         if retries:
             check_int("retries", retries, 0, MAX_RETRIES)
             return self._invoke_with_retries(request, timeout, key_hash, retries)
-        return run(self._begin(key_hash), request, timeout)
+        return self._attempt(request, timeout, key_hash)
 
     async def ainvoke(
         self, request: Any, *, timeout: float | None = None, key: object = None, retries: int = 0
@@ -222,8 +232,82 @@ class Balancer:
         if retries:
             check_int("retries", retries, 0, MAX_RETRIES)
             return await self._ainvoke_with_retries(request, timeout, key_hash, retries)
-        call = await off_loop(self._begin, key_hash, frozenset(), undo=end_cancelled)
-        return await arun(call, request, timeout)
+        return await self._aattempt(request, timeout, key_hash)
+
+    def _attempt(
+        self,
+        request: Any,
+        timeout: float | None,
+        key: int | None,
+        exclude: frozenset[int] = frozenset(),
+        tried: set[int] | None = None,
+    ) -> Any:
+        """One call: a backend chosen and counted, called with no lock held, its end recorded.
+
+        From the moment `_begin` counts the call until its end is recorded, every exit (the
+        backend's exception, an interrupt anywhere) goes through an ``except`` clause that
+        sees ``call[GENERATION]``, so no call stays counted (see `_lock` and `end_later`).
+        """
+        state = self._state
+        call: list[Any] = [-1, UNCOUNTED, None, 0]
+        try:
+            self._begin(call, key, exclude)
+            if tried is not None:
+                tried.add(call[SLOT])
+            response = call[PROXY].invoke(request, timeout=timeout)
+            state.finish(call, SUCCESS)
+            return response
+        except Exception:
+            if call[GENERATION] >= 0:
+                state.end_later(call, FAILURE)
+            raise
+        except BaseException:
+            if call[GENERATION] >= 0:
+                state.end_later(call, CANCELLED)
+            raise
+
+    async def _aattempt(
+        self,
+        request: Any,
+        timeout: float | None,
+        key: int | None,
+        exclude: frozenset[int] = frozenset(),
+        tried: set[int] | None = None,
+    ) -> Any:
+        """`_attempt` on an event loop: every step that takes the lock goes through `off_loop`."""
+        state = self._state
+        call: list[Any] = [-1, UNCOUNTED, None, 0]
+        outcome = CANCELLED
+        try:
+            await off_loop(self._begin, call, key, exclude, undo=lambda _: self._abandon(call))
+            if tried is not None:
+                tried.add(call[SLOT])
+            ainvoke = getattr(call[PROXY], "ainvoke", None)
+            if ainvoke is None:
+                raise TypeError(
+                    f"{call[PROXY]!r} has no ainvoke: make the balancer with an async "
+                    f"backend_factory (for HTTP, backend_factory=AsyncHttpBackend from "
+                    f"dispatcher.aio)"
+                )
+            outcome = FAILURE
+            response = await ainvoke(request, timeout=timeout)
+            await off_loop(state.finish, call, SUCCESS)
+            return response
+        except Exception:
+            if call[GENERATION] >= 0:
+                state.unfinished.append((call, outcome))
+                await off_loop(state.settle)
+            raise
+        except BaseException:
+            if call[GENERATION] >= 0:
+                state.unfinished.append((call, CANCELLED))
+                await off_loop(state.settle)
+            raise
+
+    def _abandon(self, call: list[Any]) -> None:
+        """End a call counted on a thread after its caller, on an event loop, was cancelled."""
+        if call[GENERATION] >= 0:
+            self._state.end_later(call, CANCELLED)
 
     def _invoke_with_retries(
         self, request: Any, timeout: float | None, key: int | None, retries: int
@@ -233,23 +317,23 @@ class Balancer:
         while True:
             remaining = attempts.remaining()
             retry = attempts.failure is not None
-            if retry and not state.take_retry(self._row_base, self._retry_limit()):
+            if retry and not state.take_retry(self._retry_limit()):
                 raise attempts.failure  # type: ignore[misc]
             try:
                 try:
-                    call = self._begin(key, frozenset(attempts.tried))
+                    return self._attempt(
+                        request, remaining, key, frozenset(attempts.tried), attempts.tried
+                    )
                 except NoBackendAvailable:
                     if attempts.failure is not None:
                         raise attempts.failure from None
                     raise
-                attempts.tried.add(call[SLOT])
-                return run(call, request, remaining)
             except Exception as exc:
                 if not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
-                    state.return_retry(self._row_base)
+                    state.return_retry()
 
     async def _ainvoke_with_retries(
         self, request: Any, timeout: float | None, key: int | None, retries: int
@@ -259,33 +343,25 @@ class Balancer:
         while True:
             remaining = attempts.remaining()
             retry = attempts.failure is not None
-            row = self._row_base
-
-            def give_back(taken: bool, row: int = row) -> None:
-                if taken:
-                    state.return_retry(row)
-
             if retry and not await off_loop(
-                state.take_retry, row, self._retry_limit(), undo=give_back
+                state.take_retry, self._retry_limit(), undo=_give_back(state)
             ):
                 raise attempts.failure  # type: ignore[misc]
             try:
                 try:
-                    call = await off_loop(
-                        self._begin, key, frozenset(attempts.tried), undo=end_cancelled
+                    return await self._aattempt(
+                        request, remaining, key, frozenset(attempts.tried), attempts.tried
                     )
                 except NoBackendAvailable:
                     if attempts.failure is not None:
                         raise attempts.failure from None
                     raise
-                attempts.tried.add(call[SLOT])
-                return await arun(call, request, remaining)
             except Exception as exc:
                 if not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
-                    await off_loop(state.return_retry, row)
+                    await off_loop(state.return_retry)
 
     def _retry_limit(self) -> int:
         """Envoy's retry budget: retries under way may be 20% of calls in flight, at least 3."""
@@ -294,43 +370,57 @@ class Balancer:
         return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
 
     def _begin(
-        self, key: int | None, exclude: frozenset[int] = frozenset(), blocking: bool = True
-    ) -> Call:
-        """Choose a backend and count the call on it; the `Call` must be ended exactly once.
+        self,
+        call: list[Any],
+        key: int | None,
+        exclude: frozenset[int] = frozenset(),
+        blocking: bool = True,
+    ) -> None:
+        """Choose a backend and count `call` on it; `call` must then be ended exactly once.
 
-        `exclude`: slots this call already tried (retries); if the strategy chooses one, the
-        least loaded of the others is taken instead, so the strategy's cached structures stay
-        valid. Not `blocking`: raise `LockBusy`, having counted nothing, instead of waiting
-        for a lock that stays taken.
+        Fills `call` (slot, generation, proxy, start); the generation is written inside the
+        lock hold that counts the call. `exclude`: slots this call already tried (retries);
+        if the strategy chooses one, the least loaded of the others is taken instead, so the
+        strategy's cached structures stay valid. Not `blocking`: raise `LockBusy`, having
+        counted nothing, instead of waiting for a lock that stays taken.
         """
-        if self._row_base < 0:
-            self._claim_row(blocking)
         state = self._state
+        if state.own_row < 0:
+            self._live_state()
+            self._segment.claim_row(blocking)
+        if state.unfinished:
+            state.settle(blocking)
         words, strategy, commit, clock = self._words, self._strategy, state.commit, state.clock
-        while True:
-            now = clock()
-            membership = self._membership
-            view = membership.view
-            if view.version != words[H_VERSION] or now >= view.expires_ns:
-                membership = self._refresh(now, blocking)
+        try:
+            while True:
+                now = clock()
+                membership = self._membership
                 view = membership.view
-            if not view.slots:
-                raise NoBackendAvailable(self._why_none() if blocking else "no eligible backend")
-            cursor = words[H_CURSOR] if self._uses_cursor else -1
-            slot = strategy.pick(view, cursor, key)
-            if exclude and slot in exclude:
-                slot, cursor = _least_loaded_except(view, exclude), -1
-            addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
-            if addr is None:
-                raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
-            # The proxy exists before the call is counted: a factory that raises counts nothing.
-            proxy = self._proxies.get(addr)
-            if proxy is None:
-                proxy = self._proxy(addr)
-            row = self._row_base
-            generation = commit(view.version, slot, cursor, row, blocking)
-            if generation >= 0:
-                return state, slot, generation, proxy, row, now
+                if view.version != words[H_VERSION] or now >= view.expires_ns:
+                    membership = self._refresh(now, blocking)
+                    view = membership.view
+                if not view.slots:
+                    reason = self._why_none() if blocking else "no eligible backend"
+                    raise NoBackendAvailable(reason)
+                cursor = words[H_CURSOR] if self._uses_cursor else -1
+                slot = strategy.pick(view, cursor, key)
+                if exclude and slot in exclude:
+                    slot, cursor = _least_loaded_except(view, exclude), -1
+                addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
+                if addr is None:
+                    raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
+                # The proxy exists before the call is counted: a factory that raises counts
+                # nothing.
+                proxy = self._proxies.get(addr)
+                if proxy is None:
+                    proxy = self._proxy(addr)
+                call[SLOT], call[PROXY], call[START] = slot, proxy, now
+                if commit(view.version, slot, cursor, call, blocking):
+                    return
+        except ValueError:
+            if self._closed or state.closed:  # closed by another thread meanwhile
+                raise SegmentError("this balancer is closed") from None
+            raise
 
     def _refresh(self, now: int, blocking: bool = True) -> Membership:
         if self._closed:
@@ -350,28 +440,6 @@ class Balancer:
             if proxy is None:
                 proxy = self._proxies[addr] = self._factory(addr)
             return proxy
-
-    def _claim_row(self, blocking: bool = True) -> None:
-        state = self._live_state()
-        with self._local_lock:
-            if self._row_base >= 0:
-                return
-            pid = os.getpid()
-            start = start_time(pid)
-            if start is None:
-                raise DispatcherError(f"cannot read the start time of this process ({pid})")
-            row = state.claim_row(pid, start, blocking)
-            if row < 0 and not blocking:
-                raise LockBusy  # reaping rows may take the lock for long: let a thread do it
-            if row < 0 and self._segment.reap():
-                row = state.claim_row(pid, start)
-            if row < 0:
-                raise CapacityExceeded(
-                    f"all {state.layout.max_workers} worker rows are taken by live "
-                    f"processes; create the balancer with a larger max_workers"
-                )
-            self._row_index, self._row_start = row, start
-            self._row_base = state.row_base(row)
 
     def _why_none(self) -> str:
         stats = self.snapshot()
@@ -441,7 +509,8 @@ class Balancer:
 
     @property
     def is_owner(self) -> bool:
-        return self._segment.is_owner
+        """Whether this handle created the balancer, in this process: closing it unlinks."""
+        return self._owner_pid == os.getpid()
 
     @property
     def owner_pid(self) -> int:
@@ -482,11 +551,13 @@ class Balancer:
         return self._state.layout.capacity
 
     def close(self) -> None:
-        """Detach; in the owner, also unlink the segment so no process can attach again."""
+        """Detach; in the owner, also unlink the segment so no process can attach again.
+
+        Calls still in flight on other threads end normally (their ends are recorded while
+        another handle on the segment stays open in this process, dropped otherwise).
+        """
         if self._closed:
             return
-        if self._row_base >= 0 and self._state.version() >= 0:
-            self._state.reap(self._row_index, os.getpid(), self._row_start)
         self._closed = True
         self._words = _CLOSED_WORDS
         self._membership = _NO_VIEW
@@ -515,9 +586,9 @@ def open_balancers() -> list[Balancer]:
     return [balancer for balancer in list(_balancers) if not balancer.closed]
 
 
-def _release(segment: Segment, monitor: subprocess.Popen[bytes] | None) -> None:
+def _release(segment: Segment, owner: bool, monitor: subprocess.Popen[bytes] | None) -> None:
     try:
-        segment.close()
+        segment.close(unlink=owner)
     finally:
         if monitor is not None:
             _monitor.stop(monitor)
@@ -554,9 +625,18 @@ def key_hash_of(key: object) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def _give_back(state: SharedState) -> Callable[[bool], None]:
+    """What undoes a retry taken on a thread for a caller that was cancelled meanwhile."""
+
+    def undo(taken: bool) -> None:
+        if taken:
+            state.return_retry()
+
+    return undo
+
+
 def _after_fork_in_child() -> None:
     for balancer in open_balancers():
-        balancer._segment.after_fork()
         balancer._reset_process()
 
 

@@ -1,18 +1,15 @@
-"""One call through a balancer: the ticket from its begin to its end, retries, event loops.
+"""What a call needs beyond one attempt: retry bookkeeping, and steps off the event loop.
 
-`Balancer._begin` chooses a backend and counts the call on it under the shared lock; what it
-returns, a `Call`, is ended exactly once with the outcome, whatever happens in between. Every
-way of calling goes through that one seam: `invoke` and `ainvoke`, with or without retries::
+A call's own protocol (choose and count, call the backend, record the end) is
+`Balancer._attempt` and `_aattempt`, on `SharedState.commit` and `finish`. Around it:
 
-    call = balancer._begin(key, exclude)       # counted on a backend, under the lock
-    response = run(call, request, timeout)     # the backend answers, no lock held; then
-                                               # end(call, outcome) records it, under the lock
-
-An event loop must never wait for the shared lock. `off_loop` runs each step that takes it
-inline with ``blocking=False``; when the lock stays taken for a few tries (a busy neighbour, a
-holder that was descheduled or died in it), the step moves to a small thread pool of this
-process, so the loop keeps serving its other tasks. A step whose caller is cancelled while it
-waits there still completes, and what it did is undone (a counted call is ended as cancelled).
+* `Attempts` keeps one call's retries: a deadline over all attempts, the backends tried, the
+  failure to raise when no retry is left.
+* `off_loop` is how an event loop takes the shared lock without ever waiting for it: each step
+  runs inline with ``blocking=False``, and when the lock stays taken for a few tries (a busy
+  neighbour, a holder that was descheduled or died in it) the step moves to a small thread
+  pool of this process, so the loop keeps serving its other tasks. A step whose caller is
+  cancelled while it waits there still completes, and what it did is undone.
 """
 
 from __future__ import annotations
@@ -24,76 +21,14 @@ import os
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-from ._state import CANCELLED, FAILURE, SUCCESS, SharedState
 from .errors import LockBusy
 
 T = TypeVar("T")
 
 THREADS = 2
 """Threads per process that wait on a contended lock for the event loops of that process."""
-
-
-Call = tuple[SharedState, int, int, Any, int, int]
-"""A call counted on one backend: (state, slot, generation, proxy, worker row, start time).
-
-What recording its end needs, and the backend to call. A plain tuple, because one is made for
-every call: building it costs about a sixth of what an object with named fields does.
-"""
-SLOT: Final = 1
-PROXY: Final = 3
-
-
-def end(call: Call, outcome: int, blocking: bool = True) -> None:
-    """Record the outcome of `call`: SUCCESS, FAILURE (counts against the backend) or CANCELLED.
-
-    Not `blocking`: raise `LockBusy`, having recorded nothing, if the lock stays taken.
-    """
-    state, slot, generation, _, row, start = call
-    state.finish(slot, generation, row, outcome, start, blocking)
-
-
-def run(call: Call, request: Any, timeout: float | None) -> Any:
-    """Call the backend and record how it went; its answer, or its exception, unchanged."""
-    state, slot, generation, proxy, row, start = call
-    try:
-        response = proxy.invoke(request, timeout=timeout)
-    except Exception:
-        state.finish(slot, generation, row, FAILURE, start)
-        raise
-    except BaseException:
-        state.finish(slot, generation, row, CANCELLED, start)
-        raise
-    state.finish(slot, generation, row, SUCCESS, start)
-    return response
-
-
-async def arun(call: Call, request: Any, timeout: float | None) -> Any:
-    """`run` for an event loop: awaits the backend's ``ainvoke``."""
-    proxy = call[PROXY]
-    ainvoke = getattr(proxy, "ainvoke", None)
-    if ainvoke is None:
-        await off_loop(end, call, CANCELLED)
-        raise TypeError(
-            f"{proxy!r} has no ainvoke: make the balancer with an async backend_factory "
-            f"(for HTTP, backend_factory=AsyncHttpBackend from dispatcher.aio)"
-        )
-    try:
-        response = await ainvoke(request, timeout=timeout)
-    except Exception:
-        await off_loop(end, call, FAILURE)
-        raise
-    except BaseException:
-        await off_loop(end, call, CANCELLED)
-        raise
-    await off_loop(end, call, SUCCESS)
-    return response
-
-
-def end_cancelled(call: Call) -> None:
-    """Undo a `Call` nobody will make: its caller was cancelled while it was being counted."""
-    end(call, CANCELLED)
 
 
 class Attempts:

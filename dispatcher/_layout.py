@@ -29,7 +29,11 @@ from .errors import SegmentError
 
 WORD = 8
 MAGIC = int.from_bytes(b"dispatch", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+MAX_CAPACITY = 4096
+"""Most backend slots a segment holds: what the lock holds of a pick or a reap grow with."""
+MAX_WORKERS = 1024
+"""Most worker rows a segment holds: what a recovery's repair grows with, with capacity."""
 HEADER_WORDS = 64
 ADDRESS_BYTES = 256
 NAME_BYTES = 64
@@ -166,8 +170,11 @@ def read_layout(words: memoryview, name: str, size: int) -> Layout:
             f"this dispatcher reads version {LAYOUT_VERSION}"
         )
     capacity, max_workers = words[H_CAPACITY], words[H_MAX_WORKERS]
-    if capacity < 1 or max_workers < 1:
-        raise SegmentError(f"shared memory {name!r} has a corrupt header")
+    if not (1 <= capacity <= MAX_CAPACITY and 1 <= max_workers <= MAX_WORKERS):
+        raise SegmentError(
+            f"shared memory {name!r} has a corrupt header: capacity {capacity}, "
+            f"max_workers {max_workers}"
+        )
     layout = Layout(capacity, max_workers)
     if words[H_SIZE] != layout.size or size < layout.size:
         raise SegmentError(
@@ -188,7 +195,11 @@ def address_record(addr: str) -> bytes:
 def read_address(addresses: bytes | bytearray | memoryview, slot: int) -> str:
     """The address of `slot` in a copy (or view) of the address region."""
     offset = slot * ADDRESS_BYTES
-    return bytes(addresses[offset + 1 : offset + 1 + addresses[offset]]).decode("ascii")
+    data = bytes(addresses[offset + 1 : offset + 1 + addresses[offset]])
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise SegmentError(f"slot {slot} holds an address that is not ASCII: {data!r}") from None
 
 
 def write_name(buf: memoryview, word: int, value: str) -> None:
@@ -202,6 +213,10 @@ def write_name(buf: memoryview, word: int, value: str) -> None:
 
 
 def read_name(buf: memoryview, word: int) -> str:
+    """The name stored at header word `word`; `SegmentError` if it is not printable ASCII."""
     start = word * WORD
     length = min(buf[start], NAME_BYTES - 1)
-    return bytes(buf[start + 1 : start + 1 + length]).decode("ascii", "replace")
+    data = bytes(buf[start + 1 : start + 1 + length])
+    if not (data.isascii() and data.decode("ascii").isprintable()):
+        raise SegmentError(f"a name in the segment header is not printable ASCII: {data!r}")
+    return data.decode("ascii")

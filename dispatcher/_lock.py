@@ -1,53 +1,72 @@
-"""The one lock that guards a segment, and how a waiter gets it back from a holder that died.
+"""The one lock that guards a segment: how it is taken, held through interrupts, and recovered.
 
-The lock is a POSIX named semaphore: `multiprocessing.Lock` from the spawn context is one, so
-it reaches fork, spawn and forkserver children alike, and an unrelated process (a uvicorn
-worker, ``dispatcher top``) opens it by the name the segment header records. An uncontended
-acquire and release cost about 80 ns here, against about 950 ns for a kernel-released
-``fcntl.flock``. The price is that nothing releases a semaphore whose holder died, so the
-holder is recorded and a waiter recovers:
+The lock is a POSIX named semaphore, so it reaches fork, spawn and forkserver children alike,
+and an unrelated process (a uvicorn worker, ``dispatcher top``) opens it by the name the
+segment header records. An uncontended acquire and release cost about 60 ns here, against
+about 950 ns for a kernel-released ``fcntl.flock``. Nothing releases a semaphore whose holder
+died, so the holder is recorded and a waiter recovers.
 
-* After every acquire the holder writes its pid into the header's holder word, and clears it
-  just before releasing. The two hot holds of a call (`_state.SharedState.commit` and
-  ``finish``) write those two words themselves instead of calling `acquire`/`release`.
-* A waiter spins for a few tries (a hold lasts well under a microsecond), then waits in bounded
-  steps. Between steps it looks at the holder: a live one is waited for, however long; a dead
-  one is taken over. A lock held for `ANONYMOUS_HOLDER_NS` with no holder recorded belongs to
-  a process that died between acquiring and writing its pid.
-* Taking over passes ownership instead of releasing on the dead holder's behalf (which would
-  race with the other waiters): the waiter writes its own pid as the holder, under a file lock
-  on the segment that the kernel releases if the waiter dies too (so one waiter takes over),
-  and calls `repair` to recompute what a half-done update could have left.
+**Holding it through interrupts.** A signal handler that raises (``KeyboardInterrupt``) runs
+between two bytecodes of the main thread, wherever the interpreter checks for pending work: on
+entering a function, on a backward jump, and *after every call*, so ``acquire()`` followed by
+``try:`` can return with the lock taken and raise before anything notes it. Every hold here
+takes the semaphore through a subscript instead (``TAKE[False]``, whose ``__getitem__`` is the
+semaphore's own C ``acquire``): subscripts are not checkpoints, so the result lands in a local
+before any handler can run, and an ``except`` clause that releases exactly when it was taken
+covers the rest. `run` is that pattern for any update; the two hot holds write it out.
 
-Opening a semaphore by name needs two private parts of `multiprocessing`: ``SemLock.name``
-and ``Lock.__setstate__``. They are this module's only reach into another module's private
-names, checked against the Python versions this was tested on (`SEMLOCK_TESTED`).
+**Recording the holder.** After every acquire the holder writes its pid into the header's
+holder word, and clears it just before releasing.
+
+**Recovering from a holder that died.** A waiter spins for a few tries (a hold lasts well under
+a microsecond), then waits in bounded steps. Between steps it looks at the holder word:
+
+* a live holder is waited for, however long (a stopped one too: SIGSTOP, a debugger);
+* a dead one is recovered: under a file lock on the segment (on a descriptor opened when the
+  segment was, so it works once the file is unlinked), the waiter calls `repair` while the
+  semaphore is still held by the dead process, so nobody can be inside the lock meanwhile,
+  then clears the holder word and releases the semaphore on the dead holder's behalf. Every
+  waiter then competes for it as usual. Recovery interrupted half-way leaves the dead holder
+  recorded, and the next waiter starts it again; repair is idempotent;
+* no holder recorded for `ANONYMOUS_HOLDER_NS` means a process took the semaphore and has not
+  written its pid. It is recovered only if no process that maps the segment is stopped or in
+  uninterruptible sleep: a running process writes its pid within nanoseconds, so only one of
+  those can still be about to.
+
+Creating, opening and unlinking a semaphore by name needs `_multiprocessing.SemLock`, a private
+part of CPython; this module is the one place that reaches it, checked against the Python
+versions this was tested on (`SEMLOCK_TESTED`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import _multiprocessing  # type: ignore[import-not-found]
 import fcntl
+import functools
 import logging
-import multiprocessing
-import multiprocessing.synchronize
 import os
+import secrets
 import sys
-from collections.abc import Callable, Iterator
-from time import monotonic_ns
-from typing import Protocol
+from collections.abc import Callable
+from multiprocessing import resource_tracker
+from time import monotonic, monotonic_ns
+from typing import Any, Protocol, TypeVar
 
 from .errors import LockBusy, SegmentError
+
+T = TypeVar("T")
 
 SPINS = 50
 """Non-blocking tries before a waiter sleeps on the semaphore."""
 PATIENCE_S = 0.25
 """Bounded wait between checks of whether the holder of the lock is still alive."""
 ANONYMOUS_HOLDER_NS = 2_000_000_000
-"""A lock held this long with no holder recorded belongs to a process that died between
+"""A lock held this long with no holder recorded may belong to a process that died between
 taking it and writing its pid."""
 SEMLOCK_TESTED = ((3, 11), (3, 14))
-"""Python versions whose `multiprocessing.synchronize.Lock` internals this module was tested on."""
+"""Python versions whose `_multiprocessing.SemLock` this module was tested on."""
+SEMAPHORE_PREFIX = "/dispatcher_"
+"""Linux shows a semaphore ``/NAME`` as ``/dev/shm/sem.NAME``."""
 
 _SEMAPHORE = 1
 """`_multiprocessing.SemLock` kind of a non-recursive lock."""
@@ -62,57 +81,78 @@ class Semaphore(Protocol):
     def release(self) -> None: ...
 
 
-def new_semaphore() -> tuple[multiprocessing.synchronize.Lock, str]:
-    """A fresh named semaphore and its name. It is unlinked when its creator exits or drops it."""
-    lock = multiprocessing.get_context("spawn").Lock()
+# Named semaphores --------------------------------------------------------------------------
+
+
+def new_semaphore() -> tuple[Semaphore, str]:
+    """A fresh owner-only named semaphore and its name, registered with the resource tracker
+    so that it is unlinked if its creator dies without `unlink_semaphore`."""
+    name = SEMAPHORE_PREFIX + secrets.token_hex(8)
     try:
-        name = lock._semlock.name  # type: ignore[attr-defined]
-    except AttributeError:
-        raise SegmentError(_unsupported("SemLock.name")) from None
-    return lock, str(name)
+        semaphore: Semaphore = _multiprocessing.SemLock(_SEMAPHORE, 1, 1, name, False)
+    except (TypeError, AttributeError):
+        raise SegmentError(_unsupported("SemLock(kind, value, maxvalue, name, unlink)")) from None
+    except OSError as exc:
+        raise SegmentError(f"cannot create the balancer's lock: {exc}") from None
+    resource_tracker.register(name, "semaphore")
+    return semaphore, name
 
 
-def open_semaphore(name: str) -> multiprocessing.synchronize.Lock:
+def open_semaphore(name: str) -> Semaphore:
     """Open the named semaphore another process created."""
-    lock = multiprocessing.synchronize.Lock.__new__(multiprocessing.synchronize.Lock)
+    if not name.startswith(SEMAPHORE_PREFIX) or "\0" in name or "/" in name[1:]:
+        raise SegmentError(f"{name!r} is not the name of a dispatcher lock")
     try:
-        lock.__setstate__((0, _SEMAPHORE, 1, name))  # type: ignore[attr-defined]
+        semaphore: Semaphore = _multiprocessing.SemLock._rebuild(0, _SEMAPHORE, 1, name)
+    except (TypeError, AttributeError):
+        raise SegmentError(_unsupported("SemLock._rebuild(handle, kind, maxvalue, name)")) from None
     except OSError as exc:
         raise SegmentError(f"cannot open the balancer's lock {name!r}: {exc}") from None
-    except (AttributeError, TypeError, ValueError):
-        raise SegmentError(_unsupported("Lock.__setstate__")) from None
-    return lock
+    return semaphore
+
+
+def unlink_semaphore(name: str) -> None:
+    """Remove a semaphore's name: processes that opened it keep using it; nobody new can."""
+    try:
+        _multiprocessing.sem_unlink(name)
+    except FileNotFoundError:
+        pass
+    except AttributeError:
+        raise SegmentError(_unsupported("sem_unlink(name)")) from None
+    resource_tracker.unregister(name, "semaphore")
 
 
 def _unsupported(part: str) -> str:
     version = ".".join(map(str, sys.version_info[:3]))
     low, high = (".".join(map(str, v)) for v in SEMLOCK_TESTED)
     return (
-        f"Python {version}: dispatcher opens its lock by name through multiprocessing's "
+        f"Python {version}: dispatcher opens its lock by name through _multiprocessing's "
         f"{part}, which this version changed (tested on {low} to {high})"
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive lock on `path`, through a descriptor of this process's own: forked
-    processes share the locks of the descriptors they inherited."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def taker(acquire: Callable[[Any], bool]) -> Any:
+    """An object whose subscript calls `acquire`: ``taker(s.acquire)[False]`` is
+    ``s.acquire(False)``, as one bytecode.
+
+    A subscript is not a point where the interpreter runs signal handlers, so
+    ``got = take[False]`` cannot be interrupted between the acquire and the assignment. (A C
+    function as a class attribute is not bound to the instance, so it gets the key alone.)
+    """
+    return type("Take", (), {"__slots__": (), "__getitem__": acquire})()
+
+
+# The lock --------------------------------------------------------------------------------
 
 
 class SharedLock:
-    """A segment's semaphore with its holder record, and recovery from a holder that died.
+    """A segment's semaphore, its holder record, and recovery from a holder that died.
 
     `holder` is the header word that records the holder's pid (a one-word view). `alive(pid)`
-    tells whether a recorded holder still runs; `repair()` (called with the lock held) recomputes
-    what a dead holder's half-done update may have left. `recovery_path` is the segment's file,
-    on which one waiter at a time takes a dead holder's lock over; None (an unshared balancer)
-    never takes over.
+    tells whether a recorded holder still runs; `repair()` recomputes what a dead holder's
+    half-done update may have left; `any_stopped()` tells whether a process that maps the
+    segment is stopped (see the module docstring). `recovery_fd` is a descriptor of the
+    segment's file, on which recoveries take turns; None (an unshared balancer) never recovers.
     """
 
     def __init__(
@@ -122,87 +162,118 @@ class SharedLock:
         *,
         alive: Callable[[int], bool],
         repair: Callable[[], None],
-        recovery_path: str | None = None,
+        any_stopped: Callable[[], bool] = lambda: False,
+        recovery_fd: int | None = None,
+        behalf: Semaphore | None = None,
     ) -> None:
-        self.semaphore = semaphore
-        self.try_acquire = semaphore.acquire
-        """``try_acquire(False)``: take the semaphore if it is free, without writing the holder."""
-        self.release_semaphore = semaphore.release
         self._holder = holder
         self._alive = alive
         self._repair = repair
-        self._recovery_path = recovery_path
+        self._any_stopped = any_stopped
+        self._recovery_fd = recovery_fd
+        self._behalf = behalf
+        """A second handle on the semaphore, used only to release it for a dead holder."""
+        self.pid = 0
+        self.use(semaphore)
+
+    def use(self, semaphore: Semaphore) -> None:
+        """Take the lock through `semaphore`, as this process (again after a fork)."""
         self.pid = os.getpid()
+        self.semaphore = semaphore
+        self.take = taker(semaphore.acquire)
+        """``take[False]``: take the semaphore if it is free, without writing the holder."""
+        self.timed = taker(functools.partial(semaphore.acquire, True))
+        """``timed[seconds]``: wait at most that long for the semaphore."""
+        self.release_semaphore = semaphore.release
 
-    def after_fork(self, semaphore: Semaphore | None = None) -> None:
-        """In a new process: note its pid, and use `semaphore` if the old one stays behind."""
-        self.pid = os.getpid()
-        if semaphore is not None:
-            self.semaphore = semaphore
-            self.try_acquire, self.release_semaphore = semaphore.acquire, semaphore.release
+    def run(
+        self, update: Callable[[], T], blocking: bool = True, timeout: float | None = None
+    ) -> T:
+        """``update()`` with the lock held, released whatever happens.
 
-    def acquire(self, blocking: bool = True) -> None:
-        """Take the lock and record this process as its holder.
-
-        Not `blocking`: raise `LockBusy` if the lock stays taken for a few tries.
+        Not `blocking`: raise `LockBusy` if the lock stays taken for a few tries; with a
+        `timeout`, raise it once that many seconds went by.
         """
-        if not self.try_acquire(False):
-            self.wait(blocking)
-        self._holder[0] = self.pid
-
-    def release(self) -> None:
-        self._holder[0] = 0
-        self.release_semaphore()
-
-    @contextlib.contextmanager
-    def held(self, blocking: bool = True) -> Iterator[None]:
-        self.acquire(blocking)
+        holder = self._holder
+        got = False
+        box: list[bool] | None = None
         try:
-            yield
-        finally:
-            self.release()
+            got = self.take[False]
+            if not got:
+                box = [False]
+                self.wait(box, blocking, timeout)
+                got = True
+            holder[0] = self.pid
+            result = update()
+        except BaseException:
+            # Inline, not a call: entering a function would let a second signal in first.
+            if got or (box is not None and box[0]):
+                try:  # noqa: SIM105
+                    holder[0] = 0
+                except ValueError:  # the segment was closed meanwhile
+                    pass
+                self.release_semaphore()
+            raise
+        try:  # noqa: SIM105
+            holder[0] = 0
+        except ValueError:  # `update` closed the segment
+            pass
+        self.release_semaphore()
+        return result
 
-    def wait(self, blocking: bool = True) -> None:
-        """The first try failed: return once the semaphore is ours (the holder is not written).
+    def wait(self, box: list[bool], blocking: bool = True, timeout: float | None = None) -> None:
+        """The first try failed: return once the semaphore is ours (``box[0]`` says whether it
+        is, at every moment, so a caller interrupted here knows whether to release it).
 
         Not `blocking`: spin briefly, then raise `LockBusy`.
         """
-        if self._spin():
-            return
+        take = self.take
+        for _ in range(SPINS):
+            box[0] = take[False]
+            if box[0]:
+                return
         if not blocking:
-            raise LockBusy
-        acquire = self.try_acquire
-        unknown_since = None
-        while not acquire(True, PATIENCE_S):
+            raise LockBusy("the shared lock is taken")
+        timed = self.timed
+        deadline = None if timeout is None else monotonic() + timeout
+        anonymous_since = 0
+        while True:
+            box[0] = timed[PATIENCE_S]
+            if box[0]:
+                return
+            if deadline is not None and monotonic() >= deadline:
+                raise LockBusy(f"the shared lock stayed taken for {timeout} s")
             holder = int(self._holder[0])
-            if holder == 0:
-                unknown_since = unknown_since or monotonic_ns()
-                if monotonic_ns() - unknown_since < ANONYMOUS_HOLDER_NS:
+            if holder > 0:
+                anonymous_since = 0
+                if holder == self.pid or self._alive(holder):
                     continue
-            elif holder == self.pid or self._alive(holder):
-                unknown_since = None
+            elif not anonymous_since:
+                anonymous_since = monotonic_ns()
                 continue
-            if self._take_over(holder):
+            elif monotonic_ns() - anonymous_since < ANONYMOUS_HOLDER_NS or self._any_stopped():
+                continue
+            self._recover(box, holder)
+            if box[0]:
                 return
 
-    def _spin(self) -> bool:
-        """Try to take the semaphore a few times without sleeping; whether it was taken."""
-        acquire = self.try_acquire
-        return any(acquire(False) for _ in range(SPINS))
-
-    def _take_over(self, dead: int) -> bool:
-        """Become the holder of a lock whose holder died, then repair what it may have left."""
-        path = self._recovery_path
-        if path is None or not os.path.exists(path):
-            return False
-        with _file_lock(path):
-            if self.try_acquire(False):
-                return True
-            if int(self._holder[0]) != dead:
-                return False
-            self._holder[0] = self.pid
+    def _recover(self, box: list[bool], dead: int) -> None:
+        """Repair and release for `dead` (0: a holder that never wrote its pid), unless the
+        lock changed hands meanwhile."""
+        fd, behalf = self._recovery_fd, self._behalf
+        if fd is None or behalf is None:
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            box[0] = self.take[False]
+            if box[0] or int(self._holder[0]) != dead:
+                return
             log.warning(
-                "process %s died holding the shared lock; taking it over", dead or "(unknown)"
+                "process %s died holding the shared lock; repairing and releasing it",
+                dead or "(unknown)",
             )
             self._repair()
-            return True
+            self._holder[0] = 0
+            behalf.release()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)

@@ -2,6 +2,9 @@
 
 `Segment` is the handle on a segment apart from any balancer: the monitor process and
 ``dispatcher top`` hold one alone, a `Balancer` holds one beside its strategy and proxies.
+A process opens each segment once: every `Balancer` of that segment in the process (the
+owner's, those attached or unpickled later) shares one `Segment`, and with it one worker row,
+which goes back to the pool when the last of them is closed or collected.
 
 CPython 3.11 and 3.12 register a segment with the resource tracker on *attach* as well as on
 create, and a process with a tracker of its own (anything not started by `multiprocessing`)
@@ -9,14 +12,19 @@ unlinks every registered segment when it exits. So only the creator registers; e
 suppresses the registration (``track=False`` on 3.13+). Calling ``unregister`` after the fact
 does not work: the tracker is shared with the creator and would drop the creator's entry. The
 creator's registration is kept on purpose: if the owner is SIGKILLed, its tracker unlinks the
-segment once every process holding it has exited.
+segment (and its lock's name) once every process holding it has exited.
+
+Only files that are regular, owned by this user and named by this package are opened: /dev/shm
+is shared by every user of the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 import sys
 import threading
 import weakref
@@ -25,34 +33,46 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 from . import _layout as L
-from ._lock import Semaphore, new_semaphore, open_semaphore
+from ._lock import Semaphore, new_semaphore, open_semaphore, unlink_semaphore
 from ._policy import EjectionPolicy
 from ._state import SharedState
 from ._view import BackendStats
-from ._workers import is_alive
-from .errors import SegmentError
+from ._workers import any_stopped_mapping, is_alive, start_time
+from .errors import CapacityExceeded, DispatcherError, LockBusy, SegmentError
 
 NAME_PREFIX = "dispatcher_"
+SHM_DIR = "/dev/shm"
 
-_register_lock = threading.Lock()
+_registry_lock = threading.Lock()
+_open: dict[str, Segment] = {}
+"""The segments open in this process, by name: a second `open` shares the first."""
 
 
 class Segment:
     """One balancer segment open in this process: its mapping, its lock, its `SharedState`.
 
-    `create` makes a segment that this process owns: closing it here marks it closed (every
-    attached process gets `SegmentError` on its next pick) and unlinks it. `open` attaches to
-    a segment made elsewhere; closing it only detaches. Interpreter exit closes what is left.
+    `create` makes a segment; `open` attaches to one made elsewhere, or shares the one this
+    process already has open. Each `create` or `open` is one handle, given back by `close`;
+    the mapping goes when the last handle does. Closing with ``unlink=True`` (the owner) also
+    marks the segment closed (every attached process gets `SegmentError` on its next pick)
+    and removes its names. Interpreter exit closes what is left.
     """
 
     def __init__(
-        self, state: SharedState, shm: shared_memory.SharedMemory | None, created: bool
+        self,
+        state: SharedState,
+        shm: shared_memory.SharedMemory | None,
+        fd: int | None,
+        lock_name: str,
+        created: bool,
     ) -> None:
         self.state = state
         self._shm = shm
+        self._lock_name = lock_name
         self._created_by = os.getpid() if created else -1
-        """This handle owns the segment in this process only: a forked child just detaches."""
-        self._finalizer = weakref.finalize(self, _release, shm, state, self._created_by)
+        self._handles = 1
+        self._closing = threading.Lock()
+        self._finalizer = weakref.finalize(self, _detach, shm, fd, state)
 
     @classmethod
     def create(
@@ -69,36 +89,71 @@ class Segment:
         Not `shared`: the same state in this process's memory, under a `threading.Lock`.
         """
         shm: shared_memory.SharedMemory | None = None
+        fd: int | None = None
         semaphore: Semaphore
         if shared:
             semaphore, lock_name = new_semaphore()
-            shm = _create_shm(layout.size)
-            buf = _buffer(shm)
-            state = SharedState(buf, layout, semaphore, f"/dev/shm/{shm.name}")
+            try:
+                shm, fd = _create_shm(layout.size)
+            except BaseException:
+                unlink_semaphore(lock_name)
+                raise
+            path = f"{SHM_DIR}/{shm.name}"
+            state = SharedState(
+                _buffer(shm),
+                layout,
+                semaphore,
+                recovery_fd=fd,
+                behalf=open_semaphore(lock_name),
+                any_stopped=lambda: any_stopped_mapping(path),
+            )
         else:
             semaphore, lock_name = threading.Lock(), ""
-            buf = memoryview(bytearray(layout.size))
-            state = SharedState(buf, layout, semaphore)
+            state = SharedState(bytearray(layout.size), layout, semaphore)
         try:
             L.write_header(state.words, layout, os.getpid())
-            L.write_name(buf, L.H_LOCK_NAME, lock_name)
-            L.write_name(buf, L.H_STRATEGY_NAME, strategy_name)
+            L.write_name(state.buffer, L.H_LOCK_NAME, lock_name)
+            L.write_name(state.buffer, L.H_STRATEGY_NAME, strategy_name)
             state.store_policy(policy)
             for addr in addrs:
                 state.register(addr, 1, warm_up=False)
         except BaseException:
             state.release_views()
-            del buf
             if shm is not None:
                 shm.close()
                 shm.unlink()
+                os.close(fd)  # type: ignore[arg-type]
+                unlink_semaphore(lock_name)
             raise
-        return cls(state, shm, created=True)
+        segment = cls(state, shm, fd, lock_name, created=True)
+        if shm is not None:
+            with _registry_lock:
+                _open[shm.name] = segment
+        return segment
 
     @classmethod
     def open(cls, name: str) -> Segment:
-        """Attach to the segment `name` that another process created, once its header checks."""
-        shm = _attach_shm(name)
+        """Attach to the segment `name` (or share this process's handle on it), once its file
+        and header check: a regular file of this user's, with a dispatcher header."""
+        with _registry_lock:
+            segment = _open.get(name)
+            if segment is not None and not segment.closed:
+                segment._handles += 1
+                return segment
+            segment = cls._attach(name)
+            _open[name] = segment
+            return segment
+
+    @classmethod
+    def _attach(cls, name: str) -> Segment:
+        if not isinstance(name, str) or not name.startswith(NAME_PREFIX) or "/" in name:
+            raise SegmentError(f"{name!r} is not the name of a dispatcher segment")
+        fd = _open_own_file(f"{SHM_DIR}/{name}")
+        try:
+            shm = _attach_shm(name)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             buf = _buffer(shm)
             header = buf[: L.HEADER_WORDS * L.WORD].cast("q")
@@ -109,13 +164,23 @@ class Segment:
                 header.release()
             if closed:
                 raise SegmentError(f"the balancer {name!r} was closed by its owner")
-            semaphore = open_semaphore(L.read_name(buf, L.H_LOCK_NAME))
-            state = SharedState(buf, layout, semaphore, f"/dev/shm/{name}")
+            lock_name = L.read_name(buf, L.H_LOCK_NAME)
+            _check_own_file(f"{SHM_DIR}/sem.{lock_name.lstrip('/')}")
+            path = f"{SHM_DIR}/{name}"
+            state = SharedState(
+                buf,
+                layout,
+                open_semaphore(lock_name),
+                recovery_fd=fd,
+                behalf=open_semaphore(lock_name),
+                any_stopped=lambda: any_stopped_mapping(path),
+            )
             state.load_policy()
         except BaseException:
             shm.close()
+            os.close(fd)
             raise
-        return cls(state, shm, created=False)
+        return cls(state, shm, fd, lock_name, created=False)
 
     # Identity ----------------------------------------------------------------------------
 
@@ -131,7 +196,7 @@ class Segment:
 
     @property
     def is_owner(self) -> bool:
-        """Whether this handle created the segment, in this process: closing it unlinks it."""
+        """Whether this process created the segment."""
         return self._created_by == os.getpid()
 
     @property
@@ -141,7 +206,7 @@ class Segment:
 
     @property
     def closed(self) -> bool:
-        """Whether this handle was closed (in this process)."""
+        """Whether every handle on the segment in this process was closed."""
         return not self._finalizer.alive
 
     @property
@@ -151,9 +216,12 @@ class Segment:
 
     # What every holder may do ------------------------------------------------------------
 
-    def snapshot(self) -> list[BackendStats]:
-        """Every registered backend's numbers, the same from every attached process."""
-        return self.state.snapshot(self.state.clock())
+    def snapshot(self, *, timeout: float | None = None) -> list[BackendStats]:
+        """Every registered backend's numbers, the same from every attached process.
+
+        With a `timeout`, raise `LockBusy` rather than wait longer for the lock.
+        """
+        return self.state.snapshot(self.state.clock(), timeout=timeout)
 
     def workers(self) -> list[int]:
         """Pids of the live processes that hold a worker row (that have picked)."""
@@ -171,13 +239,56 @@ class Segment:
                 dead += 1
         return dead
 
+    def claim_row(self, blocking: bool = True) -> int:
+        """This process's worker row (word index of its slot 0), claimed on first use."""
+        state = self.state
+        with self._closing:
+            if state.own_row >= 0:
+                return state.own_row
+            pid = os.getpid()
+            start = start_time(pid)
+            if start is None:
+                raise DispatcherError(f"cannot read the start time of this process ({pid})")
+            row = state.claim_row(pid, start, blocking)
+            if row < 0 and not blocking:
+                raise LockBusy("no free worker row: reaping may take the lock for long")
+            if row < 0 and self.reap():
+                row = state.claim_row(pid, start)
+            if row < 0:
+                raise CapacityExceeded(
+                    f"all {state.layout.max_workers} worker rows are taken by live "
+                    f"processes; create the balancer with a larger max_workers"
+                )
+            self._row = (row, pid, start)
+            state.own_row = state.row_base(row)
+            return state.own_row
+
     def after_fork(self) -> None:
-        """In a forked child: an unshared state gets a lock of its own."""
+        """In a forked child: no worker row yet; an unshared state gets a lock of its own."""
         self.state.after_fork(None if self._shm is not None else threading.Lock())
 
-    def close(self) -> None:
-        """Detach; in the owner, first mark the segment closed and unlink it."""
-        self._finalizer()
+    def close(self, *, unlink: bool = False) -> None:
+        """Give back one handle; with `unlink` (the owner), first mark the segment closed and
+        remove its names, so no process can attach any more."""
+        with _registry_lock:
+            if self.closed:
+                return
+            if unlink and self.is_owner and self.state.version() != L.CLOSED:
+                self.state.mark_closed()
+                if self._shm is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._shm.unlink()
+                    unlink_semaphore(self._lock_name)
+            self._handles -= 1
+            if self._handles > 0:
+                return
+            if _open.get(self.name) is self:
+                del _open[self.name]
+        with self._closing:
+            if self.state.own_row >= 0 and self.state.version() != L.CLOSED:
+                row, pid, start = self._row
+                self.state.reap(row, pid, start)
+            self._finalizer()
 
     def __enter__(self) -> Segment:
         return self
@@ -190,61 +301,136 @@ class Segment:
         return f"<Segment {self.name or 'unshared'} {'closed' if self.closed else role}>"
 
 
-def _release(shm: shared_memory.SharedMemory | None, state: SharedState, owner_pid: int) -> None:
-    owner = owner_pid == os.getpid()
-    if owner:
-        state.mark_closed()
-    state.release_views()
+def _detach(shm: shared_memory.SharedMemory | None, fd: int | None, state: SharedState) -> None:
+    """Drop the mapping. Under the lock, so no thread of this process is inside it then; a
+    thread that takes the lock afterwards finds the views released before it writes a word."""
+    if state.closed:
+        return
+
+    def release() -> None:
+        state.release_views()
+
+    try:
+        state.lock.run(release)
+    except (LockBusy, SegmentError, ValueError):
+        state.release_views()
     if shm is not None:
-        shm.close()
-        if owner:
-            shm.unlink()
+        with contextlib.suppress(BufferError):  # a thread still reads a view: at collection
+            shm.close()
+    if fd is not None:
+        os.close(fd)
 
 
-def find_by_owner(pid: int, *, closed: bool = False, directory: str = "/dev/shm") -> list[str]:
-    """Names of the balancer segments process `pid` created; closed ones too if `closed`."""
+def _forget_after_fork() -> None:
+    for segment in list(_open.values()):
+        if not segment.closed:
+            segment.after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def find_by_owner(pid: int, *, closed: bool = False, directory: str = SHM_DIR) -> list[str]:
+    """Names of the balancer segments process `pid` created; closed ones too if `closed`.
+
+    Only this user's regular files are read (never a FIFO, a link or another user's file).
+    """
     found = []
     for name in sorted(os.listdir(directory)):
         if not name.startswith(NAME_PREFIX):
             continue
         try:
-            with open(os.path.join(directory, name), "rb") as file:
-                head = file.read(L.HEADER_WORDS * L.WORD)
+            fd = _open_own_file(os.path.join(directory, name))
+        except SegmentError:
+            continue
+        try:
+            head = os.read(fd, L.HEADER_WORDS * L.WORD)
         except OSError:
             continue
+        finally:
+            os.close(fd)
         if len(head) < L.HEADER_WORDS * L.WORD:
             continue
         words = memoryview(head).cast("q")
         if (
             words[L.H_MAGIC] == L.MAGIC
             and words[L.H_OWNER_PID] == pid
-            and (closed or words[L.H_VERSION] >= 0)
+            and (closed or words[L.H_VERSION] != L.CLOSED)
         ):
             found.append(name)
     return found
 
 
-# Shared memory ---------------------------------------------------------------------------
+# Files and shared memory -----------------------------------------------------------------
 
 
-def _create_shm(size: int) -> shared_memory.SharedMemory:
-    """Create a zeroed owner-only (0600) segment under an unguessable name, touched so a full
-    /dev/shm fails now: tmpfs allocates lazily, and an untouched segment would fail later with
-    SIGBUS at a random write instead of an error here."""
-    shm = shared_memory.SharedMemory(NAME_PREFIX + secrets.token_hex(8), create=True, size=size)
+def _open_own_file(path: str) -> int:
+    """A read-only descriptor of `path`, if it is a regular file of this user's."""
     try:
-        _buffer(shm)[:size] = bytes(size)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SegmentError(f"{path} does not exist (its owner closed it?)") from None
+    except OSError as exc:
+        raise SegmentError(f"cannot open {path}: {exc}") from None
+    try:
+        _check_own(os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_own_file(path: str) -> None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise SegmentError(f"{path} does not exist (its owner closed it?)") from None
+    except OSError as exc:
+        raise SegmentError(f"cannot read {path}: {exc}") from None
+    _check_own(info, path)
+
+
+def _check_own(info: os.stat_result, path: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise SegmentError(f"{path} is not a regular file")
+    if info.st_uid != os.getuid():
+        raise SegmentError(f"{path} belongs to uid {info.st_uid}, not to this user")
+
+
+def _create_shm(size: int) -> tuple[shared_memory.SharedMemory, int]:
+    """A new owner-only (0600) segment under an unguessable name, its pages reserved now.
+
+    tmpfs allocates pages lazily: a segment bigger than what /dev/shm has left would fail
+    later with SIGBUS at a random write, so the space is reserved here or refused.
+    """
+    shm = shared_memory.SharedMemory(NAME_PREFIX + secrets.token_hex(8), create=True, size=size)
+    path = f"{SHM_DIR}/{shm.name}"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        shm.close()
+        shm.unlink()
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise SegmentError(
+                f"{SHM_DIR} has no room for the balancer's segment: it needs {size:,} bytes "
+                f"({size / 2**20:.1f} MiB); make /dev/shm larger (Docker: --shm-size) or the "
+                f"balancer smaller (capacity, max_workers)"
+            ) from None
+        raise SegmentError(f"cannot reserve {size:,} bytes in {SHM_DIR}: {exc}") from None
     except BaseException:
         shm.close()
         shm.unlink()
         raise
-    return shm
+    return shm, fd
 
 
 def _attach_shm(name: str) -> shared_memory.SharedMemory:
     """Map an existing segment without ever letting this process's tracker unlink it."""
-    if not isinstance(name, str) or not name or "/" in name or "\0" in name:
-        raise SegmentError(f"{name!r} is not a shared memory segment name")
     try:
         if sys.version_info >= (3, 13):
             return shared_memory.SharedMemory(name, track=False)
@@ -265,15 +451,14 @@ def _buffer(shm: shared_memory.SharedMemory) -> memoryview:
 
 @contextlib.contextmanager
 def _untracked() -> Iterator[None]:
-    with _register_lock:
-        original = resource_tracker.register
+    original = resource_tracker.register
 
-        def register(name: Any, rtype: str) -> None:
-            if rtype != "shared_memory":
-                original(name, rtype)
+    def register(name: Any, rtype: str) -> None:
+        if rtype != "shared_memory":
+            original(name, rtype)
 
-        resource_tracker.register = register
-        try:
-            yield
-        finally:
-            resource_tracker.register = original
+    resource_tracker.register = register
+    try:
+        yield
+    finally:
+        resource_tracker.register = original

@@ -18,7 +18,9 @@ start time, so the contribution of a process that dies mid-call can be subtracte
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
+from itertools import compress
 from time import monotonic_ns
 from typing import Any, TypeVar
 
@@ -38,8 +40,14 @@ CANCELLED = 2
 
 T = TypeVar("T")
 
-STALE = -1
-"""`commit`: the view the choice came from is out of date."""
+# A call's ticket, made by the balancer, filled by `commit` and closed by `finish`: a list, so
+# that the two lock holds can write in it, with no interruptible step between the hold and the
+# record of what it did (see `_lock`).
+SLOT, GENERATION, PROXY, START = range(4)
+UNCOUNTED = -1
+"""`call[GENERATION]` before `commit` counted the call."""
+ENDED = -2
+"""`call[GENERATION]` once `finish` recorded its end (or found nothing to record)."""
 
 
 class SharedState:
@@ -54,10 +62,18 @@ class SharedState:
         buffer: memoryview | bytearray,
         layout: L.Layout,
         semaphore: Semaphore,
-        recovery_path: str | None = None,
+        *,
+        recovery_fd: int | None = None,
+        behalf: Semaphore | None = None,
+        any_stopped: Callable[[], bool] = lambda: False,
     ) -> None:
         self.layout = layout
         self.clock: Callable[[], int] = monotonic_ns
+        self.own_row = -1
+        """Word index of slot 0 of this process's worker row; -1 until it claims one."""
+        self.unfinished: list[tuple[list[Any], int]] = []
+        """Ends of calls that an interrupt kept from being recorded; `settle` records them."""
+        self.closed = False
         self._buf = memoryview(buffer)[: layout.size]
         self._words = self._buf.cast("q")
         self._floats = self._buf.cast("d")
@@ -80,6 +96,8 @@ class SharedState:
         self._down = layout.field(L.DOWN)
         self._hist = layout.histogram
         self._zero_hist = bytes(L.BUCKETS * L.WORD)
+        self._zero_rows = memoryview(bytes(layout.max_workers * L.WORD)).cast("q")
+        self._zero_counts = memoryview(bytes(c * L.WORD)).cast("q")
         self.in_flight = self._slice(self._words, self._inflight)
         self.latency = self._slice(self._floats, self._ewma)
         self.lock = SharedLock(
@@ -87,7 +105,9 @@ class SharedState:
             self._slice(self._words, H_LOCK_PID, 1),
             alive=self._holder_alive,
             repair=self._normalize,
-            recovery_path=recovery_path,
+            any_stopped=any_stopped,
+            recovery_fd=recovery_fd,
+            behalf=behalf,
         )
         self._refresh_lock()
         self.policy = EjectionPolicy()
@@ -98,20 +118,28 @@ class SharedState:
         return part
 
     def _refresh_lock(self) -> None:
-        """Cache what the two hot holds call, straight from the lock."""
-        self._try_acquire = self.lock.try_acquire
+        """Cache what the two hot holds use, straight from the lock."""
+        self._take = self.lock.take
         self._release = self.lock.release_semaphore
         self._pid = self.lock.pid
 
     def release_views(self) -> None:
-        """Drop every view of the buffer, so the segment can be closed."""
+        """Drop every view of the buffer, so the segment can be closed.
+
+        Any use of the state after this raises `ValueError` at its first read, before it
+        changes anything; the hot paths take that as "closed".
+        """
+        self.closed = True
         for view in reversed(self._views):
             view.release()
 
     def after_fork(self, semaphore: Semaphore | None = None) -> None:
-        """In a new process: note its pid, and use `semaphore` if the old one stays behind."""
-        self.lock.after_fork(semaphore)
+        """In a new process: no row yet, no calls of its own; `semaphore` if the old one stays
+        behind (an unshared state's `threading.Lock`)."""
+        self.lock.use(semaphore or self.lock.semaphore)
         self._refresh_lock()
+        self.own_row = -1
+        self.unfinished = []
 
     # Header ------------------------------------------------------------------------------
 
@@ -152,12 +180,16 @@ class SharedState:
 
     def mark_closed(self) -> None:
         """Owner only: make every attached process's next pick fail with `SegmentError`."""
-        with self.lock.held():
+
+        def update() -> None:
             self._words[L.H_VERSION] = L.CLOSED
 
-    def _locked(self, update: Callable[[], T], blocking: bool = True) -> T:
-        with self.lock.held(blocking):
-            return update()
+        self.lock.run(update)
+
+    def _locked(
+        self, update: Callable[[], T], blocking: bool = True, timeout: float | None = None
+    ) -> T:
+        return self.lock.run(update, blocking, timeout)
 
     def _holder_alive(self, pid: int) -> bool:
         """Whether the process `pid`, recorded as the lock's holder, still runs."""
@@ -169,82 +201,128 @@ class SharedState:
     # The hot path ------------------------------------------------------------------------
 
     def commit(
-        self, version: int, slot: int, cursor: int, row_base: int, blocking: bool = True
-    ) -> int:
-        """Count a call on `slot` if the view it was chosen from still holds.
+        self, version: int, slot: int, cursor: int, call: list[Any], blocking: bool = True
+    ) -> bool:
+        """Count `call` on `slot` if the view it was chosen from still holds; False if stale.
 
         `cursor` is the shared cursor the choice was made from, or -1 if the choice did not
-        use it; a used cursor is advanced only if no other pick got in first. Returns the
-        slot's generation (the ticket `finish` needs), or STALE: choose again from a fresh
-        view. Not `blocking`: raises `LockBusy` if the lock stays taken for a few tries.
+        use it; a used cursor is advanced only if no other pick got in first. The slot's
+        generation goes into ``call[GENERATION]`` inside the hold, so whoever handles an
+        interrupt knows whether the call was counted. Not `blocking`: raises `LockBusy`,
+        having counted nothing, if the lock stays taken for a few tries.
         """
         words = self._words
-        # `lock.acquire`/`lock.release`, written out: this and `finish` are the two holds of
-        # every call.
-        if not self._try_acquire(False):
-            self.lock.wait(blocking)
+        counted = got = False
+        box: list[bool] | None = None
+        # `lock.run`, written out: this and `finish` are the two holds of every call.
         try:
+            got = self._take[False]
+            if not got:
+                box = [False]
+                self.lock.wait(box, blocking)
+                got = True
             words[H_LOCK_PID] = self._pid
-            if words[H_VERSION] != version:
-                return STALE
-            if cursor >= 0:
-                if words[H_CURSOR] != cursor:
-                    return STALE
-                words[H_CURSOR] = cursor + 1
-            words[row_base + slot] += 1
-            words[self._inflight + slot] += 1
-            return int(words[self._gen + slot])
-        finally:
-            words[H_LOCK_PID] = 0
-            self._release()
+            if words[H_VERSION] == version and (cursor < 0 or words[H_CURSOR] == cursor):
+                if cursor >= 0:
+                    words[H_CURSOR] = cursor + 1
+                words[self.own_row + slot] += 1
+                words[self._inflight + slot] += 1
+                call[GENERATION] = words[self._gen + slot]
+                counted = True
+        except BaseException:
+            if got or (box is not None and box[0]):
+                try:  # noqa: SIM105
+                    words[H_LOCK_PID] = 0
+                except ValueError:  # the segment was closed meanwhile
+                    pass
+                self._release()
+            raise
+        words[H_LOCK_PID] = 0
+        self._release()
+        return counted
 
-    def finish(
-        self,
-        slot: int,
-        generation: int,
-        row_base: int,
-        outcome: int,
-        start: int,
-        blocking: bool = True,
-    ) -> None:
+    def finish(self, call: list[Any], outcome: int, blocking: bool = True) -> None:
         """Record the end of a call counted by `commit`: in-flight down, outcome, latency.
 
-        A call whose slot was unregistered meanwhile (generation changed) leaves no trace.
-        Not `blocking`: raises `LockBusy`, having recorded nothing, if the lock stays taken.
+        Once: ``call[GENERATION]`` becomes ENDED in the same hold, and a call already ended
+        (or never counted) is left alone. A call whose slot was unregistered meanwhile leaves
+        no trace; one that ends after its balancer was closed, nothing either. Not `blocking`:
+        raises `LockBusy`, having recorded nothing, if the lock stays taken.
         """
+        slot, generation, _, start = call
+        if generation < 0:
+            return
         now = self.clock()
         words = self._words
+        try:
+            average = self._floats[self._ewma + slot]
+            stamp = words[self._stamp + slot]
+        except ValueError:
+            call[GENERATION] = ENDED  # closed in this process: nothing left to record
+            return
         latency = now - start
         bucket = self._hist + slot * BUCKETS + bucket_of(latency)
-        ewma_at = self._ewma + slot
-        stamp_at = self._stamp + slot
-        average = self._floats[ewma_at]
         sample = sample_ns(latency, outcome == FAILURE)
-        ewma = sample if sample >= average else peak_ewma(average, words[stamp_at], sample, now)
-        if not self._try_acquire(False):
-            self.lock.wait(blocking)
+        ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
+        got = False
+        box: list[bool] | None = None
         try:
+            got = self._take[False]
+            if not got:
+                box = [False]
+                self.lock.wait(box, blocking)
+                got = True
             words[H_LOCK_PID] = self._pid
-            if words[self._gen + slot] != generation:
-                return
-            words[self._inflight + slot] -= 1
-            words[row_base + slot] -= 1
-            if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
-                self._free(slot)  # the backend is gone: its last outcome goes with it
-                return
-            if outcome == CANCELLED:
-                return
-            words[self._requests + slot] += 1
-            words[bucket] += 1
-            self._floats[ewma_at] = ewma
-            words[stamp_at] = now
-            if outcome == SUCCESS:
-                words[self._consecutive + slot] = 0
+            if call[GENERATION] == generation and words[self._gen + slot] == generation:
+                words[self._inflight + slot] -= 1
+                words[self.own_row + slot] -= 1
+                call[GENERATION] = ENDED
+                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                    self._free(slot)  # the backend is gone: its last outcome goes with it
+                elif outcome != CANCELLED:
+                    words[self._requests + slot] += 1
+                    words[bucket] += 1
+                    self._floats[self._ewma + slot] = ewma
+                    words[self._stamp + slot] = now
+                    if outcome == SUCCESS:
+                        words[self._consecutive + slot] = 0
+                    else:
+                        self._record_failure(slot, now)
             else:
-                self._record_failure(slot, now)
-        finally:
-            words[H_LOCK_PID] = 0
-            self._release()
+                call[GENERATION] = ENDED
+        except BaseException as exc:
+            if got or (box is not None and box[0]):
+                try:  # noqa: SIM105
+                    words[H_LOCK_PID] = 0
+                except ValueError:  # the segment was closed meanwhile
+                    pass
+                self._release()
+            if isinstance(exc, ValueError) and self.closed:
+                call[GENERATION] = ENDED
+                return
+            raise
+        words[H_LOCK_PID] = 0
+        self._release()
+
+    def end_later(self, call: list[Any], outcome: int) -> None:
+        """Record `call`'s end, surely: queued first, so that an interrupt while it is being
+        recorded leaves it for the next `settle` instead of counted forever."""
+        self.unfinished.append((call, outcome))
+        self.settle()
+
+    def settle(self, blocking: bool = True) -> None:
+        """Record the ends queued by `end_later`. Each is recorded once, whoever gets to it."""
+        unfinished = self.unfinished
+        while unfinished:
+            try:
+                entry = unfinished[0]
+            except IndexError:  # another thread took the last one
+                return
+            self.finish(entry[0], entry[1], blocking)
+            try:  # noqa: SIM105
+                unfinished.remove(entry)
+            except ValueError:  # another thread got there first
+                pass
 
     def _record_failure(self, slot: int, now: int) -> None:
         """Lock held. Count a failure and eject the slot if the policy says so."""
@@ -271,7 +349,9 @@ class SharedState:
 
     # Membership --------------------------------------------------------------------------
 
-    def _copy_slots(self, blocking: bool = True) -> tuple[int, memoryview, bytearray]:
+    def _copy_slots(
+        self, blocking: bool = True, timeout: float | None = None
+    ) -> tuple[int, memoryview, bytearray]:
         """The membership version, slot fields (as words) and addresses, copied consistently.
 
         The buffers are allocated before the lock is taken; under it, only two copies run.
@@ -289,7 +369,7 @@ class SharedState:
             return int(self._words[L.H_VERSION])
 
         try:
-            version = self._locked(copy, blocking)
+            version = self._locked(copy, blocking, timeout)
         finally:
             source_fields.release()
             source_addresses.release()
@@ -433,9 +513,14 @@ class SharedState:
         words[self._state + slot] = L.FREE
         words[self._gen + slot] += 1
         words[self._inflight + slot] = 0
-        for row in range(self.layout.max_workers):
-            words[self.row_base(row) + slot] = 0
+        words[self._column(slot)] = self._zero_rows
         words[H_VERSION] += 1
+
+    def _column(self, slot: int) -> slice:
+        """Where `slot`'s in-flight count lives in every worker row: one strided slice."""
+        lay = self.layout
+        start = lay.workers + L.W_HEADER + slot
+        return slice(start, start + lay.max_workers * lay.worker_stride, lay.worker_stride)
 
     def _find(self, record: bytes) -> int:
         """Lock held. The registered (live or draining) slot whose address is `record`, or -1."""
@@ -451,7 +536,7 @@ class SharedState:
 
     # Retry budget and health -----------------------------------------------------------
 
-    def take_retry(self, row_base: int, limit: int, blocking: bool = True) -> bool:
+    def take_retry(self, limit: int, blocking: bool = True) -> bool:
         """Count one more retry under way, unless `limit` of them already are."""
 
         def update() -> bool:
@@ -459,17 +544,17 @@ class SharedState:
             if words[L.H_RETRIES] >= limit:
                 return False
             words[L.H_RETRIES] += 1
-            words[row_base - L.W_HEADER + L.W_RETRIES] += 1
+            words[self.own_row - L.W_HEADER + L.W_RETRIES] += 1
             return True
 
         return self._locked(update, blocking)
 
-    def return_retry(self, row_base: int, blocking: bool = True) -> None:
+    def return_retry(self, blocking: bool = True) -> None:
         """Count one retry fewer under way: it ended."""
 
         def update() -> None:
             self._words[L.H_RETRIES] -= 1
-            self._words[row_base - L.W_HEADER + L.W_RETRIES] -= 1
+            self._words[self.own_row - L.W_HEADER + L.W_RETRIES] -= 1
 
         self._locked(update, blocking)
 
@@ -507,11 +592,11 @@ class SharedState:
 
     # Observation -------------------------------------------------------------------------
 
-    def snapshot(self, now: int) -> list[BackendStats]:
+    def snapshot(self, now: int, timeout: float | None = None) -> list[BackendStats]:
         """Every registered backend's numbers: the fields copied under the lock in one pass,
         the histograms (counters that only grow) read without it."""
         lay, c = self.layout, self._c
-        _, words, addresses = self._copy_slots()
+        _, words, addresses = self._copy_slots(timeout=timeout)
         floats = words.cast("b").cast("d")
         hist_at = lay.histogram * L.WORD
         histograms = memoryview(self._buf[hist_at : hist_at + c * L.BUCKETS * L.WORD].tobytes())
@@ -556,33 +641,44 @@ class SharedState:
         """Word index of slot 0 of worker row `row`'s in-flight run."""
         return self.layout.workers + row * self.layout.worker_stride + L.W_HEADER
 
+    def _heads(self, word: int) -> slice:
+        """Where header word `word` (W_PID, W_START...) of every worker row lives."""
+        lay = self.layout
+        start = lay.workers + word
+        return slice(start, start + lay.max_workers * lay.worker_stride, lay.worker_stride)
+
     def claim_row(self, pid: int, start: int, blocking: bool = True) -> int:
         """Take a free worker row for process (`pid`, `start`); -1 if none is free."""
 
         def update() -> int:
             words = self._words
-            for row in range(self.layout.max_workers):
-                head = self.row_base(row) - L.W_HEADER
-                if words[head + L.W_PID] == 0:
-                    words[head + L.W_START] = start
-                    words[head + L.W_PID] = pid
-                    return row
-            return -1
+            pids = words[self._heads(L.W_PID)].tolist()
+            if 0 not in pids:
+                return -1
+            row = pids.index(0)
+            base = self.row_base(row)
+            head = base - L.W_HEADER
+            words[base : base + self._c] = self._zero_counts
+            words[head + L.W_RETRIES] = 0
+            words[head + L.W_START] = start
+            words[head + L.W_PID] = pid
+            return row
 
         return self._locked(update, blocking)
 
     def rows(self) -> list[tuple[int, int, int]]:
         """(row, pid, start) of every claimed worker row; an unlocked read."""
-        words, found = self._words, []
-        for row in range(self.layout.max_workers):
-            head = self.row_base(row) - L.W_HEADER
-            pid = int(words[head + L.W_PID])
-            if pid:
-                found.append((row, pid, int(words[head + L.W_START])))
-        return found
+        words = self._words
+        pids = words[self._heads(L.W_PID)].tolist()
+        starts = words[self._heads(L.W_START)].tolist()
+        return [(row, pid, starts[row]) for row, pid in enumerate(pids) if pid]
 
     def reap(self, row: int, pid: int, start: int, blocking: bool = True) -> bool:
-        """Subtract a dead process's in-flight calls and free its row, if it still owns it."""
+        """Subtract a dead process's in-flight calls and free its row, if it still owns it.
+
+        Interrupted half-way, the row keeps its owner and what is left of its counts, and the
+        next reap finishes the job: each slot's count moves in one step.
+        """
 
         def update() -> bool:
             words = self._words
@@ -590,7 +686,8 @@ class SharedState:
             head = base - L.W_HEADER
             if words[head + L.W_PID] != pid or words[head + L.W_START] != start:
                 return False
-            for slot in range(self._c):
+            counts = words[base : base + self._c].tolist()
+            for slot in compress(range(self._c), counts):
                 words[self._inflight + slot] -= words[base + slot]
                 words[base + slot] = 0
                 if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
@@ -610,19 +707,28 @@ class SharedState:
         """Lock held. Global in-flight := sum of worker rows; free slots hold no counts.
 
         Every update writes its visible word last, so this is all a half-done update can
-        break; bumping the version makes every process rebuild its view from the result.
+        break; bumping the version makes every process rebuild its view from the result. It
+        only recomputes, so running it again after an interruption finishes the job.
         """
-        words = self._words
-        bases = [self.row_base(row) for row in range(self.layout.max_workers)]
-        for slot in range(self._c):
-            if words[self._state + slot] != L.FREE:
-                words[self._inflight + slot] = sum(words[b + slot] for b in bases)
-                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
-                    self._free(slot)
-            else:
-                for base in bases:
-                    words[base + slot] = 0
-                words[self._inflight + slot] = 0
-                words[self._gen + slot] += 1
-        words[L.H_RETRIES] = sum(words[b - L.W_HEADER + L.W_RETRIES] for b in bases)
+        words, c = self._words, self._c
+        totals = [0] * c
+        retries = 0
+        for row, _, _ in self.rows():
+            base = self.row_base(row)
+            retries += words[base - L.W_HEADER + L.W_RETRIES]
+            counts = words[base : base + c].tolist()
+            for slot in compress(range(c), counts):
+                totals[slot] += counts[slot]
+        states = words[self._state : self._state + c].tolist()
+        for slot, state in enumerate(states):
+            if state == L.FREE:
+                if totals[slot] or words[self._inflight + slot]:
+                    words[self._column(slot)] = self._zero_rows
+                    words[self._gen + slot] += 1
+                totals[slot] = 0
+        words[self._inflight : self._inflight + c] = array("q", totals)
+        for slot, state in enumerate(states):
+            if state == L.DRAINING and totals[slot] == 0:
+                self._free(slot)
+        words[L.H_RETRIES] = retries
         words[H_VERSION] += 1

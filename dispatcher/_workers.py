@@ -11,6 +11,8 @@ resumed VM), and then every live worker would look like a different process.
 
 from __future__ import annotations
 
+import os
+
 import psutil
 
 
@@ -38,3 +40,24 @@ def is_alive(pid: int, start: int | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def any_stopped_mapping(path: str) -> bool:
+    """Whether some other process that maps `path` is stopped (SIGSTOP, Ctrl-Z, a debugger)
+    or in uninterruptible sleep: such a process may have taken a lock and not yet said so."""
+    needle = path.encode()
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps", "rb") as maps:
+                if needle not in maps.read():
+                    continue
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                state = stat.read().rpartition(b") ")[2][:1]
+        except OSError:
+            continue
+        if state in (b"T", b"t", b"D"):
+            return True
+    return False

@@ -73,13 +73,17 @@ def picks_after_change(balancer: Balancer, ready: Any, go: Any, out: Any) -> Non
 def hold_the_lock(balancer: Balancer, ready: Any, write_holder: bool, seconds: float) -> None:
     """Take the balancer's shared lock and keep it, as a process that hangs or dies in it."""
     lock = balancer._state.lock
+
+    def hold() -> None:
+        ready.set()
+        time.sleep(seconds)
+
     if write_holder:
-        lock.acquire()
+        lock.run(hold)
     else:
         lock.semaphore.acquire()
-    ready.set()
-    time.sleep(seconds)
-    lock.release()
+        hold()
+        lock.semaphore.release()
 
 
 def hold_one_call_attached(name: str, gate: Any) -> None:

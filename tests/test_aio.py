@@ -136,11 +136,12 @@ def test_a_sync_backend_is_refused_and_leaves_nothing_in_flight() -> None:
 
 def _hold(balancer: Balancer, taken: threading.Event, release: threading.Event) -> None:
     """Hold the shared lock, as a busy or stalled neighbour process would, until released."""
-    lock = balancer._state.lock
-    lock.acquire()
-    taken.set()
-    release.wait(10)
-    lock.release()
+
+    def hold() -> None:
+        taken.set()
+        release.wait(10)
+
+    balancer._state.lock.run(hold)
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])

@@ -177,14 +177,14 @@ def test_retry_budget_is_shared_and_bounds_concurrent_retries(
     addrs = [f"10.0.4.{i}:80" for i in range(1, 4)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
     with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
-        b._claim_row()
+        b._segment.claim_row()
         for _ in range(3):  # the budget's floor: three retries under way at once, anywhere
-            assert b._state.take_retry(b._row_base, 3)
+            assert b._state.take_retry(3)
         with pytest.raises(ConnectionError):
             b.invoke(None, retries=2)
         assert sum(s.requests for s in b.snapshot()) == 1  # no retry was allowed
         for _ in range(3):
-            b._state.return_retry(b._row_base)
+            b._state.return_retry()
         assert b._state.retries() == 0
 
 

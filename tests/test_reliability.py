@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 
-from dispatcher import Balancer, HealthCheck, SegmentError
+from dispatcher import Balancer, HealthCheck, SegmentError, _segment
 from tests import helpers
 from tests.helpers import Echo
 
@@ -161,6 +161,7 @@ def test_another_user_cannot_attach() -> None:
         if pid == 0:  # pragma: no cover - the child
             code = 1
             try:
+                _segment._open.clear()  # as a process that never had the segment open
                 os.setgid(65534)
                 os.setuid(65534)
                 Balancer.attach(b.name)
@@ -276,10 +277,10 @@ def test_reaping_from_a_signal_handler_never_waits_for_its_own_lock() -> None:
             b.invoke(None)
             os._exit(0)
         os.waitpid(pid, 0)
-        b._state.lock.acquire()  # as if a handler interrupted this process in it
-        try:
+
+        def reap_from_a_handler() -> None:  # as if a handler interrupted this process in it
             with pytest.raises(LockBusy):
                 b.reap(blocking=False)
-        finally:
-            b._state.lock.release()
+
+        b._state.lock.run(reap_from_a_handler)
         assert b.reap(blocking=False) == 1
