@@ -42,7 +42,14 @@ def _port(port: str, addr: str) -> int:
     return int(port)
 
 
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+"""An interface name or number, as a zone id (``fe80::1%eth0``) may carry."""
+
+
 def _ipv6(host: str, addr: str) -> str:
+    zone = host.partition("%")[2]
+    if zone and not _ZONE.match(zone):
+        raise InvalidAddress(f"address {addr!r} has an invalid IPv6 zone id {zone!r}")
     try:
         return ipaddress.IPv6Address(host).compressed
     except ValueError:

@@ -53,8 +53,6 @@ from .errors import (
 
 BackendFactory = Callable[[str], Backend]
 
-MAX_CAPACITY = 4096
-"""Copies and scans under the lock grow with capacity: at 4096 they stay near 100 us."""
 MAX_RETRIES = 100
 RETRY_BUDGET_PERCENT = 20
 RETRY_MIN_CONCURRENCY = 3
@@ -94,8 +92,8 @@ class Balancer:
         monitor: bool = True,
         shared: bool = True,
     ) -> None:
-        check_int("capacity", capacity, 1, MAX_CAPACITY)
-        check_int("max_workers", max_workers, 1, 1 << 16)
+        check_int("capacity", capacity, 1, L.MAX_CAPACITY)
+        check_int("max_workers", max_workers, 1, L.MAX_WORKERS)
         policy = EjectionPolicy.from_seconds(
             failure_threshold,
             ejection_seconds,
@@ -126,7 +124,10 @@ class Balancer:
         name = strategy if isinstance(strategy, str) else ""
         segment = Segment.create(layout, policy, parsed, strategy_name=name, shared=shared)
         try:
-            watcher = _monitor.start(segment.name, health_check) if shared and monitor else None
+            watcher = None
+            if shared and monitor:
+                _monitor.configure(segment, health_check)
+                watcher = _monitor.start(segment.name)
         except BaseException:
             segment.close(unlink=True)
             raise
@@ -427,6 +428,8 @@ class Balancer:
             raise SegmentError("this balancer is closed")
         membership = self._state.membership(now, blocking)
         self._membership = membership
+        if blocking:
+            _monitor.check(self._segment, now)
         if not self._proxies.keys() <= membership.live:
             with self._local_lock:
                 gone = [self._proxies.pop(a) for a in self._proxies.keys() - membership.live]

@@ -6,14 +6,14 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
 
     word 0                HEADER_WORDS                                       total
     +--------------------+-------------------------------------------------+
-    | header (64 words)  | per-slot fields, one run of `capacity` words    |
+    | header (192 words) | per-slot fields, one run of `capacity` words    |
     |  magic, layout,    |   STATE[c] GENERATION[c] WEIGHT[c] IN_FLIGHT[c] |
     |  sizes, owner,     |   REQUESTS[c] FAILURES[c] ... ROTATION_NS[c]    |
     |  version, cursor,  +-------------------------------------------------+
     |  lock holder,      | latency histogram: c x BUCKETS words            |
     |  policy, retries,  +-------------------------------------------------+
-    |  names             | addresses: c x 256 bytes (length byte + UTF-8)  |
-    |                    +-------------------------------------------------+
+    |  names, monitor,   | addresses: c x 256 bytes (length byte + ASCII)  |
+    |  monitor's spec    +-------------------------------------------------+
     |                    | worker rows: w x (PID, START, RETRIES,          |
     |                    |                   IN_FLIGHT[c])                 |
     +--------------------+-------------------------------------------------+
@@ -34,7 +34,7 @@ MAX_CAPACITY = 4096
 """Most backend slots a segment holds: what the lock holds of a pick or a reap grow with."""
 MAX_WORKERS = 1024
 """Most worker rows a segment holds: what a recovery's repair grows with, with capacity."""
-HEADER_WORDS = 64
+HEADER_WORDS = 192
 ADDRESS_BYTES = 256
 NAME_BYTES = 64
 
@@ -63,6 +63,17 @@ H_STRATEGY_NAME = 24
 """Start of the owner's strategy name (NAME_BYTES bytes), so attach-by-name can reuse it."""
 H_RETRIES = 32
 """Retries under way in all processes, against the shared retry budget."""
+H_OWNER_START = 33
+"""The owner's start time (`_workers.start_time`), so a reused pid is not taken for it."""
+H_MONITOR = 34
+"""Nonzero when the segment wants a monitor process (the owner asked for one)."""
+H_MONITOR_PID = 35
+H_MONITOR_START = 36
+H_MONITOR_BEAT_NS = 37
+"""When the monitor last went round its loop: a stale beat from a dead pid means restart it."""
+H_SPEC = 64
+"""Start of the monitor's spec: its health check, pickled, length-prefixed (SPEC_BYTES)."""
+SPEC_BYTES = (HEADER_WORDS - H_SPEC) * WORD
 
 # Per-slot fields, in order; each is a run of `capacity` words.
 STATE = 0
@@ -150,13 +161,14 @@ def bucket_floor_ns(bucket: int) -> int:
     return (2 + half) << (bits - 2) if bits >= 2 else bucket
 
 
-def write_header(words: memoryview, layout: Layout, owner_pid: int) -> None:
+def write_header(words: memoryview, layout: Layout, owner_pid: int, owner_start: int) -> None:
     """Fill the identifying header words of a fresh, zeroed segment."""
     words[H_LAYOUT] = LAYOUT_VERSION
     words[H_CAPACITY] = layout.capacity
     words[H_MAX_WORKERS] = layout.max_workers
     words[H_SIZE] = layout.size
     words[H_OWNER_PID] = owner_pid
+    words[H_OWNER_START] = owner_start
     words[H_MAGIC] = MAGIC
 
 
@@ -200,6 +212,23 @@ def read_address(addresses: bytes | bytearray | memoryview, slot: int) -> str:
         return data.decode("ascii")
     except UnicodeDecodeError:
         raise SegmentError(f"slot {slot} holds an address that is not ASCII: {data!r}") from None
+
+
+def write_spec(buf: memoryview, data: bytes) -> None:
+    """Store the monitor's spec (bytes) in the header."""
+    start = H_SPEC * WORD
+    if len(data) > SPEC_BYTES - WORD:
+        raise ValueError(
+            f"the health check takes {len(data)} bytes pickled, more than {SPEC_BYTES - WORD}"
+        )
+    buf[start : start + WORD] = len(data).to_bytes(WORD, "little")
+    buf[start + WORD : start + WORD + len(data)] = data
+
+
+def read_spec(buf: memoryview) -> bytes:
+    start = H_SPEC * WORD
+    length = min(int.from_bytes(buf[start : start + WORD], "little"), SPEC_BYTES - WORD)
+    return bytes(buf[start + WORD : start + WORD + length])
 
 
 def write_name(buf: memoryview, word: int, value: str) -> None:

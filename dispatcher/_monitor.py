@@ -1,10 +1,12 @@
-"""The owner's background work, in a small process of its own.
+"""The segment's background work, in a small process of its own, and who restarts it.
 
 Two jobs need doing with no traffic at all: reclaiming the in-flight counts of workers that
 died (within a second, without waiting for the next call), and active health checks. They
-run in one child process of the owner, started with `subprocess` (a fresh interpreter: no
-fork of a threaded process, no re-import of the owner's ``__main__``), which opens the segment
-as ``top`` does, with a `Segment` handle: it never picks, so it claims no worker row.
+run in one monitor process per segment, started with `subprocess` (a fresh interpreter: no
+fork of a threaded process, no re-import of the owner's ``__main__``), which opens the
+segment as ``top`` does, with a `Segment` handle: it never picks, so it claims no worker row.
+Everything it needs is in the segment: its health check (pickled in the header), the owner's
+pid and start time, and its own pid, start time and heartbeat.
 
 Why not a thread in the owner: the owner is typically a gunicorn master or a pool's parent,
 which forks workers after the balancer exists. A thread there makes every ``os.fork()`` copy a
@@ -12,8 +14,10 @@ process with threads (a DeprecationWarning on 3.12+, and any Python lock that th
 copied held); parking it around each fork would delay every fork by up to one health-probe
 timeout. A process costs one interpreter (about 25 MB) and never touches a fork.
 
-The monitor exits when the owner closes the balancer (SIGTERM, or the closed mark), or when
-the owner is gone (it is re-parented).
+The monitor can die too (the OOM killer may choose it). Every process that picks looks at its
+heartbeat when it rebuilds its view (at least once a second); one that finds it stale for
+`STALE_NS` with the monitor gone reaps at once, starts a new monitor, and logs it. The monitor
+exits when the owner closes the segment, or when the owner is gone.
 """
 
 from __future__ import annotations
@@ -27,39 +31,49 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import dataclass
 
+from . import _layout as L
 from ._health import HealthCheck, HealthTracker
 from ._segment import Segment
-from .errors import SegmentError
+from ._workers import is_alive, start_time
+from .errors import DispatcherError, LockBusy, SegmentError
 
 REAP_INTERVAL_S = 0.5
 """How often dead workers are looked for: a dead worker's counts are reclaimed within 1 s,
 whatever the health probes are doing."""
+STALE_NS = 3_000_000_000
+"""A monitor whose heartbeat is this old, and whose process is gone, is replaced."""
 
 log = logging.getLogger("dispatcher.monitor")
 
 
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    owner_pid: int
-    health: HealthCheck | None
+def configure(segment: Segment, health: HealthCheck | None) -> None:
+    """Owner, at creation: this segment wants a monitor, which runs `health` checks if any.
+
+    An unpicklable check fails here, in the owner, not later in the monitor.
+    """
+    L.write_spec(segment.state.buffer, pickle.dumps(health))
+    words = segment.state.words
+    words[L.H_MONITOR_BEAT_NS] = segment.state.clock()  # vouch for the one about to start
+    words[L.H_MONITOR] = 1
 
 
-def start(name: str, health: HealthCheck | None) -> subprocess.Popen[bytes]:
-    """Start the monitor of segment `name` for this (owner) process."""
-    spec = pickle.dumps(Spec(name, os.getpid(), health))  # an unpicklable check fails here
+def start(name: str, *, detach: bool = False) -> subprocess.Popen[bytes]:
+    """Start a monitor for segment `name`.
+
+    `detach` (a restart by a worker): the monitor forks once more and its first process
+    exits at once, so it outlives the worker that started it and is nobody's zombie.
+    """
     process = subprocess.Popen(
-        [sys.executable, "-c", "from dispatcher._monitor import main; main()"],
-        stdin=subprocess.PIPE,
+        [sys.executable, "-c", "from dispatcher._monitor import main; main()", name]
+        + (["--detach"] if detach else []),
+        stdin=subprocess.DEVNULL,
         close_fds=True,
         start_new_session=True,  # Ctrl-C in a terminal is the owner's to handle, not ours
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
-    assert process.stdin is not None
-    process.stdin.write(spec)
-    process.stdin.close()
+    if detach:
+        process.wait()
     return process
 
 
@@ -75,7 +89,44 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def run(spec: Spec) -> None:
+def check(segment: Segment, now: int) -> bool:
+    """In any process that picks: if the segment's monitor died, reap and start another.
+
+    One process wins the restart: it stamps the heartbeat under the lock first, so the others
+    see a fresh beat. Returns whether this process started a monitor.
+    """
+    state = segment.state
+    words = state.words
+    if not words[L.H_MONITOR] or now - words[L.H_MONITOR_BEAT_NS] < STALE_NS:
+        return False
+    pid, since = int(words[L.H_MONITOR_PID]), int(words[L.H_MONITOR_START])
+    if pid and is_alive(pid, since):
+        return False
+
+    def claim() -> bool:
+        if now - words[L.H_MONITOR_BEAT_NS] < STALE_NS:
+            return False
+        words[L.H_MONITOR_BEAT_NS] = now
+        return True
+
+    try:
+        if not state.lock.run(claim, blocking=False):
+            return False
+        dead = segment.reap(blocking=False)
+    except LockBusy:
+        return False
+    start(segment.name, detach=True)
+    log.warning(
+        "%s: the monitor process (pid %s) is gone; reclaimed the calls of %d dead worker(s) "
+        "and started a new monitor",
+        segment.name,
+        pid or "unknown",
+        dead,
+    )
+    return True
+
+
+def run(name: str) -> None:
     """The monitor's loop: reap, start a probe round when due, sleep until the next step.
 
     Probe rounds run on a thread of their own, so a slow or hanging probe never delays
@@ -83,17 +134,23 @@ def run(spec: Spec) -> None:
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        segment = Segment.open(spec.name)
+        segment = Segment.open(name)
     except SegmentError:
-        return  # the owner closed the balancer before this process was up
-    health = spec.health
+        return  # the owner closed the segment before this process was up
+    state, words = segment.state, segment.state.words
+    if not _register(segment):
+        segment.close()
+        return
+    health: HealthCheck | None = pickle.loads(L.read_spec(state.buffer))
     tracker = HealthTracker(health.rise, health.fall) if health else None
     probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
     rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round")
     current: Future[None] | None = None
     next_probe = time.monotonic()
+    owner, owner_start = int(words[L.H_OWNER_PID]), int(words[L.H_OWNER_START])
     try:
-        while os.getppid() == spec.owner_pid and not segment.closed_by_owner:
+        while not segment.closed_by_owner and is_alive(owner, owner_start):
+            words[L.H_MONITOR_BEAT_NS] = state.clock()
             dead = segment.reap()
             if dead:
                 log.warning("reclaimed the calls in flight of %d dead worker(s)", dead)
@@ -110,6 +167,26 @@ def run(spec: Spec) -> None:
         if current is not None and health is not None:
             wait_for_futures([current], timeout=2 * health.timeout)
         segment.close()
+
+
+def _register(segment: Segment) -> bool:
+    """Record this process as the segment's monitor, unless a live one already is."""
+    state, words = segment.state, segment.state.words
+    pid = os.getpid()
+    start = start_time(pid)
+    if start is None:
+        raise DispatcherError(f"cannot read the start time of this process ({pid})")
+
+    def update() -> bool:
+        current = int(words[L.H_MONITOR_PID])
+        if current and current != pid and is_alive(current, int(words[L.H_MONITOR_START])):
+            return False
+        words[L.H_MONITOR_START] = start
+        words[L.H_MONITOR_PID] = pid
+        words[L.H_MONITOR_BEAT_NS] = state.clock()
+        return True
+
+    return state.lock.run(update)
 
 
 def check_all(
@@ -130,7 +207,8 @@ def check_all(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="dispatcher monitor: %(message)s")
-    spec = pickle.load(sys.stdin.buffer)
-    if not isinstance(spec, Spec):
-        raise SystemExit("dispatcher's monitor expects a Spec on standard input")
-    run(spec)
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("dispatcher's monitor takes the segment's name [--detach]")
+    if sys.argv[2:] == ["--detach"] and os.fork():
+        os._exit(0)
+    run(sys.argv[1])

@@ -111,7 +111,7 @@ class Segment:
             semaphore, lock_name = threading.Lock(), ""
             state = SharedState(bytearray(layout.size), layout, semaphore)
         try:
-            L.write_header(state.words, layout, os.getpid())
+            L.write_header(state.words, layout, os.getpid(), start_time(os.getpid()) or 0)
             L.write_name(state.buffer, L.H_LOCK_NAME, lock_name)
             L.write_name(state.buffer, L.H_STRATEGY_NAME, strategy_name)
             state.store_policy(policy)

@@ -48,6 +48,9 @@ UNCOUNTED = -1
 """`call[GENERATION]` before `commit` counted the call."""
 ENDED = -2
 """`call[GENERATION]` once `finish` recorded its end (or found nothing to record)."""
+VIEW_MAX_AGE_NS = 1_000_000_000
+"""With a monitor, a view is rebuilt at least this often, so that every process that picks
+looks at the monitor's heartbeat (`_monitor.check`)."""
 
 
 class SharedState:
@@ -394,7 +397,7 @@ class SharedState:
         live: list[str] = []
         rotation: list[int] = []
         eligible: list[int] = []
-        expires = 1 << 62
+        expires = now + VIEW_MAX_AGE_NS if self._words[L.H_MONITOR] else 1 << 62
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue

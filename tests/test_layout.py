@@ -25,7 +25,7 @@ def test_header_round_trip_and_rejections() -> None:
     words = memoryview(bytearray(lay.size)).cast("q")
     with pytest.raises(SegmentError, match="not a dispatcher segment"):
         L.read_layout(words, "x", lay.size)
-    L.write_header(words, lay, owner_pid=123)
+    L.write_header(words, lay, owner_pid=123, owner_start=0)
     assert L.read_layout(words, "x", lay.size) == lay
     with pytest.raises(SegmentError, match="needs"):
         L.read_layout(words, "x", lay.size - 8)
