@@ -42,6 +42,8 @@ from .errors import CapacityExceeded, DispatcherError, LockBusy, SegmentError
 
 NAME_PREFIX = "dispatcher_"
 SHM_DIR = "/dev/shm"
+CLOSE_WAIT_S = 2.0
+"""How long closing waits for a lock another process holds before detaching without it."""
 
 _registry_lock = threading.Lock()
 _open: dict[str, Segment] = {}
@@ -287,7 +289,8 @@ class Segment:
         with self._closing:
             if self.state.own_row >= 0 and self.state.version() != L.CLOSED:
                 row, pid, start = self._row
-                self.state.reap(row, pid, start)
+                with contextlib.suppress(LockBusy):  # left to the monitor, once we are gone
+                    self.state.reap(row, pid, start, timeout=CLOSE_WAIT_S)
             self._finalizer()
 
     def __enter__(self) -> Segment:
@@ -308,10 +311,11 @@ def _detach(shm: shared_memory.SharedMemory | None, fd: int | None, state: Share
         return
 
     def release() -> None:
+        state.words[L.H_LOCK_PID] = 0  # the views go before the lock is released
         state.release_views()
 
     try:
-        state.lock.run(release)
+        state.lock.run(release, timeout=CLOSE_WAIT_S)
     except (LockBusy, SegmentError, ValueError):
         state.release_views()
     if shm is not None:

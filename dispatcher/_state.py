@@ -676,7 +676,9 @@ class SharedState:
         starts = words[self._heads(L.W_START)].tolist()
         return [(row, pid, starts[row]) for row, pid in enumerate(pids) if pid]
 
-    def reap(self, row: int, pid: int, start: int, blocking: bool = True) -> bool:
+    def reap(
+        self, row: int, pid: int, start: int, blocking: bool = True, timeout: float | None = None
+    ) -> bool:
         """Subtract a dead process's in-flight calls and free its row, if it still owns it.
 
         Interrupted half-way, the row keeps its owner and what is left of its counts, and the
@@ -700,7 +702,7 @@ class SharedState:
             words[head + L.W_PID] = 0
             return True
 
-        return self._locked(update, blocking)
+        return self._locked(update, blocking, timeout)
 
     def repair(self) -> None:
         """Recompute everything derived, as after a process died in the middle of an update."""

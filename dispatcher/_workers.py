@@ -47,14 +47,14 @@ def any_stopped_mapping(path: str) -> bool:
     or in uninterruptible sleep: such a process may have taken a lock and not yet said so."""
     needle = path.encode()
     me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
+    with os.scandir("/proc") as entries:
+        pids = [e.name for e in entries if e.name.isdigit() and int(e.name) != me]
+    for pid in pids:
         try:
-            with open(f"/proc/{entry.name}/maps", "rb") as maps:
+            with open(f"/proc/{pid}/maps", "rb") as maps:
                 if needle not in maps.read():
                     continue
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
                 state = stat.read().rpartition(b") ")[2][:1]
         except OSError:
             continue

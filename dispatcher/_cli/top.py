@@ -8,15 +8,21 @@ and it takes the lock only for the microseconds a snapshot's copy lasts.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
 import psutil
 from rich.console import Console
 
+from .. import _layout as L
 from .._segment import Segment, find_by_owner
-from ..errors import SegmentError
+from ..errors import LockBusy, SegmentError
 from .dashboard import Sampler, Screen, render
+
+LOCK_WAIT_S = 1.0
+"""The longest `top` waits for the shared lock per frame, so that Ctrl-C and SIGTERM are
+heard even while a process holds the lock for long."""
 
 
 def open_target(target: str) -> Segment:
@@ -48,20 +54,28 @@ def top(
     try:
         owner = segment.owner_pid
         sampler = Sampler(
-            segment.snapshot,
+            functools.partial(segment.snapshot, timeout=LOCK_WAIT_S),
             segment.workers,
             title="dispatcher top",
             source=f"{segment.name} (owner pid {owner})",
             strategy=segment.strategy_name,
         )
         if once:
-            sampler.sample()
-            time.sleep(min(interval * 2, 1.0))
-            console.print(render(sampler.sample()))
+            try:
+                sampler.sample()
+                time.sleep(min(interval * 2, 1.0))
+                console.print(render(sampler.sample()))
+            except LockBusy as exc:
+                console.print(f"dispatcher top: {exc}", highlight=False)
+                return 1
             return 0
         with Screen(console) as screen:
             while not stop.is_set() and not segment.closed_by_owner and psutil.pid_exists(owner):
-                screen.show(sampler.sample())
+                try:
+                    screen.show(sampler.sample())
+                except LockBusy:
+                    holder = int(segment.state.words[L.H_LOCK_PID]) or "unknown"
+                    sampler.note(f"the shared lock is busy for {LOCK_WAIT_S:g} s (pid {holder})")
                 stop.wait(interval)
         if segment.closed_by_owner:
             console.print(f"dispatcher top: {segment.name} was closed by its owner")
