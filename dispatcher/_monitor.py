@@ -93,7 +93,9 @@ def check(segment: Segment, now: int) -> bool:
     """In any process that picks: if the segment's monitor died, reap and start another.
 
     One process wins the restart: it stamps the heartbeat under the lock first, so the others
-    see a fresh beat. Returns whether this process started a monitor.
+    see a fresh beat. Once the owner is gone there is no monitor to restart (it would exit at
+    once): the processes that still pick reap instead, each time the beat goes stale. Returns
+    whether this process started a monitor.
     """
     state = segment.state
     words = state.words
@@ -102,6 +104,7 @@ def check(segment: Segment, now: int) -> bool:
     pid, since = int(words[L.H_MONITOR_PID]), int(words[L.H_MONITOR_START])
     if pid and is_alive(pid, since):
         return False
+    orphaned = not is_alive(int(words[L.H_OWNER_PID]), int(words[L.H_OWNER_START]))
 
     def claim() -> bool:
         if now - words[L.H_MONITOR_BEAT_NS] < STALE_NS:
@@ -114,6 +117,10 @@ def check(segment: Segment, now: int) -> bool:
             return False
         dead = segment.reap(blocking=False)
     except LockBusy:
+        return False
+    if orphaned:
+        if dead:
+            log.warning("%s: reclaimed the calls of %d dead worker(s)", segment.name, dead)
         return False
     start(segment.name, detach=True)
     log.warning(

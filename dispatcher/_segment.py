@@ -276,6 +276,7 @@ class Segment:
             if self.closed:
                 return
             if unlink and self.is_owner and self.state.version() != L.CLOSED:
+                self._give_back_row()
                 self.state.mark_closed()
                 if self._shm is not None:
                     with contextlib.suppress(FileNotFoundError):
@@ -286,12 +287,17 @@ class Segment:
                 return
             if _open.get(self.name) is self:
                 del _open[self.name]
+        self._give_back_row()
+        self._finalizer()
+
+    def _give_back_row(self) -> None:
+        """Return this process's worker row, with whatever it still counts."""
         with self._closing:
             if self.state.own_row >= 0 and self.state.version() != L.CLOSED:
                 row, pid, start = self._row
                 with contextlib.suppress(LockBusy):  # left to the monitor, once we are gone
                     self.state.reap(row, pid, start, timeout=CLOSE_WAIT_S)
-            self._finalizer()
+                self.state.own_row = -1
 
     def __enter__(self) -> Segment:
         return self
