@@ -12,8 +12,10 @@ too. During the run:
   workers run on, and reap each other's dead without the owner's monitor);
 * workers and the owner are stopped with SIGSTOP for up to 2.5 s, maybe holding the lock
   (the others must wait for them, never take their lock over);
-* a timer raises KeyboardInterrupt in each process's main thread, which calls too, at any
-  point of a call until the backend's answer is counted (the call is then made again).
+* a timer raises KeyboardInterrupt in each process's main thread, which calls too, anywhere
+  from the start of a call until its backend is called: through the pick, the count under the
+  lock and the step to the backend (the call is then made again). Not inside the backend:
+  an interrupt there can break the HTTP client's own locks, which is no balancer's to mend.
 
 At the end every counter must reconcile exactly:
 
@@ -87,7 +89,7 @@ RUN_LIMIT_S = 300.0
 _thread = threading.local()
 _armed = [False]
 """Whether the interrupt timer may raise now: from the start of a call made by the main thread
-until its backend's answer is counted (set and cleared by that thread only)."""
+until its backend is called (set and cleared by that thread only)."""
 
 
 def _die_with_parent() -> None:
@@ -166,16 +168,15 @@ class CountingBackend:
         self._http = HttpBackend(addr, timeout=CALL_TIMEOUT_S)
 
     def invoke(self, request: HttpRequest, *, timeout: float | None = None) -> Any:
+        _armed[0] = False
         words, base = self.counters, _thread.base
         words[base + PHASE] = CALLING
         try:
             response = self._http.invoke(request, timeout=timeout)
         except Exception:
-            _armed[0] = False
             words[base + PHASE] = FINISHING
             words[base + ATTEMPTS_FAILED] += 1
             raise
-        _armed[0] = False  # from here on the attempt is counted by both sides, or by neither
         words[base + PHASE] = FINISHING
         words[base + ATTEMPTS_OK] += 1
         return response
@@ -686,8 +687,8 @@ def soak(args: argparse.Namespace) -> int:
         f"  faults: {run.backend_kills} backend kills / {run.backend_restarts} restarts, "
         f"{run.worker_kills} worker kills, {run.owner_kills} owner kill "
         f"({run.lost_in_flight} calls in flight at death, reclaimed), {run.stops} stops "
-        f"(up to {run.longest_stop:.1f} s, none taken over), {interrupts} interrupts, "
-        f"{recoveries} locks recovered from the dead"
+        f"(up to {run.longest_stop:.1f} s), {interrupts} interrupts, {recoveries} locks "
+        f"recovered from dead holders"
     )
     for s in stats:
         print(
