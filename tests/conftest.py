@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import http.server
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from dispatcher import _segment as segment
+from tests.helpers import LoopbackServer
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +19,24 @@ def no_leaked_segments() -> Iterator[None]:
     yield
     leaked = set(segment.find_by_owner(os.getpid(), closed=True)) - before
     assert not leaked, f"segments left in /dev/shm: {leaked}"
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Any]]:
+    """``serve(Handler, **attributes)``: a `LoopbackServer`, stopped after the test.
+
+    ``serve(Handler, cls=Subclass, ...)`` starts a subclass of `LoopbackServer` instead.
+    """
+    started: list[LoopbackServer] = []
+
+    def start(
+        handler: type[http.server.BaseHTTPRequestHandler],
+        cls: type[LoopbackServer] = LoopbackServer,
+        **attributes: Any,
+    ) -> LoopbackServer:
+        started.append(cls(handler, **attributes))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

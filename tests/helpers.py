@@ -1,15 +1,96 @@
-"""Backends and child-process bodies shared by the tests (importable by spawned children)."""
+"""What the tests share: waiting, counting, loopback HTTP servers, a clock, backends and
+child-process bodies (importable by spawned children, so nothing here imports pytest)."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from dispatcher import Balancer
+
+# Waiting and counting -------------------------------------------------------------------------
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, what: str = "the condition"
+) -> float:
+    """Poll `condition` until it holds; return how many seconds that took.
+
+    `timeout` bounds a test that fails; it is a checked duration only where a test says so.
+    """
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+class Totals(NamedTuple):
+    """Sums over every backend of a balancer, as every attached process sees them."""
+
+    requests: int
+    failures: int
+    in_flight: int
+
+
+def totals(balancer: Balancer) -> Totals:
+    stats = balancer.snapshot()
+    return Totals(
+        sum(s.requests for s in stats),
+        sum(s.failures for s in stats),
+        sum(s.in_flight for s in stats),
+    )
+
+
+def in_flight(balancer: Balancer) -> int:
+    """Calls in flight on every backend together."""
+    return sum(s.in_flight for s in balancer.snapshot())
+
+
+def in_flight_by_addr(balancer: Balancer) -> dict[str, int]:
+    return {s.addr: s.in_flight for s in balancer.snapshot()}
+
+
+def requests_by_addr(balancer: Balancer) -> dict[str, int]:
+    return {s.addr: s.requests for s in balancer.snapshot()}
+
+
+# Loopback HTTP servers ------------------------------------------------------------------------
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """An HTTP server on a free loopback port, serving from a daemon thread until `stop`.
+
+    `attributes` are set on the server before it serves (handlers read them as
+    ``self.server.<name>``). It polls for `stop` every 10 ms, not every 0.5 s, so stopping
+    takes no noticeable time.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self, handler: type[http.server.BaseHTTPRequestHandler], **attributes: Any
+    ) -> None:
+        vars(self).update(attributes)
+        super().__init__(("127.0.0.1", 0), handler)
+        self.port = self.server_port
+        self.addr = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+# Backends -------------------------------------------------------------------------------------
 
 
 class Echo:

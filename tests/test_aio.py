@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from dispatcher import BackendError, Balancer, HttpRequest
 from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose
+from tests.helpers import totals
 
 pytest.importorskip("httpx")
 
@@ -31,15 +32,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def http_addrs() -> Iterator[list[str]]:
-    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
-    for server in servers:
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield [f"127.0.0.1:{s.server_address[1]}" for s in servers]
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def http_addrs(serve: Callable[..., Any]) -> list[str]:
+    return [serve(_Handler).addr for _ in range(2)]
 
 
 class Gate:
@@ -54,16 +48,6 @@ class Gate:
         if isinstance(request, asyncio.Event):
             await request.wait()
         return self.addr
-
-
-def totals(balancer: Balancer) -> tuple[int, int, int]:
-    """(requests, failures, in flight) over every backend."""
-    stats = balancer.snapshot()
-    return (
-        sum(s.requests for s in stats),
-        sum(s.failures for s in stats),
-        sum(s.in_flight for s in stats),
-    )
 
 
 def test_http_calls_are_spread_and_counted(http_addrs: list[str]) -> None:
@@ -105,7 +89,7 @@ def test_cancelled_calls_end_without_counting_as_failures() -> None:
         async def main() -> None:
             never = asyncio.Event()
             task = asyncio.create_task(balancer.ainvoke(never))
-            while totals(balancer)[2] == 0:
+            while totals(balancer).in_flight == 0:
                 await asyncio.sleep(0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -189,7 +173,7 @@ def test_a_call_cancelled_while_its_pick_waits_for_the_lock_leaves_nothing_in_fl
             # and the abandoned call then ends at once.
             for _ in range(1000):
                 await asyncio.sleep(0.01)
-                if balancer._state.cursor() == 1 and totals(balancer)[2] == 0:
+                if balancer._state.cursor() == 1 and totals(balancer).in_flight == 0:
                     break
             assert balancer._state.cursor() == 1  # the abandoned pick did commit
 

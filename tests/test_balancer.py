@@ -24,17 +24,15 @@ from dispatcher import (
     UnknownBackend,
 )
 from dispatcher._segment import NAME_PREFIX
-from tests.helpers import Echo
+from tests.helpers import (
+    Echo,
+    in_flight,
+    in_flight_by_addr,
+    requests_by_addr,
+    wait_for,
+)
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
-
-
-def counts(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.requests for s in balancer.snapshot()}
-
-
-def in_flight(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.in_flight for s in balancer.snapshot()}
 
 
 def test_balancer_is_a_backend() -> None:
@@ -48,7 +46,7 @@ def test_round_robin_is_exact_and_in_order() -> None:
     with Balancer(ADDRS, backend_factory=Echo) as balancer:
         answers = [balancer.invoke(None) for _ in range(9)]
         assert answers == ADDRS * 3
-        assert counts(balancer) == dict.fromkeys(ADDRS, 3)
+        assert requests_by_addr(balancer) == dict.fromkeys(ADDRS, 3)
 
 
 def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
@@ -56,9 +54,8 @@ def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
     with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as balancer:
         held = threading.Thread(target=balancer.invoke, args=(gate,))
         held.start()
-        while sum(in_flight(balancer).values()) < 1:
-            time.sleep(0.001)
-        busy = next(a for a, n in in_flight(balancer).items() if n)
+        wait_for(lambda: in_flight(balancer) >= 1, what="the held call")
+        busy = next(a for a, n in in_flight_by_addr(balancer).items() if n)
         picks = Counter(balancer.invoke(None) for _ in range(100))
         gate.set()
         held.join()
@@ -77,10 +74,9 @@ def test_least_loaded_weighs_in_flight_by_weight() -> None:
         threads = [threading.Thread(target=balancer.invoke, args=(g,)) for g in gates]
         for t in threads:
             t.start()
-        while sum(in_flight(balancer).values()) < 3:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight(balancer) >= 3, what="the held calls")
         # Whatever the first three took, at 3 in flight the weight-4 backend is the lighter.
-        assert in_flight(balancer)["heavy:1"] >= 2
+        assert in_flight_by_addr(balancer)["heavy:1"] >= 2
         for g in gates:
             g.set()
         for t in threads:
@@ -216,8 +212,7 @@ def test_call_in_flight_on_an_unregistered_backend_leaves_no_count() -> None:
     with Balancer(["old:1"], backend_factory=Echo) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while in_flight(b) != {"old:1": 1}:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight_by_addr(b) == {"old:1": 1}, what="the held call")
         b.unregister("old:1")
         b.register("new:1")  # takes the same slot
         gate.set()
@@ -390,7 +385,7 @@ def test_custom_strategy_object() -> None:
     with Balancer(ADDRS, backend_factory=Echo, strategy=Wrong()) as b:
         with pytest.raises(DispatcherError, match="chose 99"):
             b.invoke(None)
-        assert sum(s.in_flight for s in b.snapshot()) == 0
+        assert in_flight(b) == 0
 
 
 def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
@@ -401,9 +396,8 @@ def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
         b.register("other:1")
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while sum(in_flight(b).values()) < 1:
-            time.sleep(0.001)
-        busy = next(a for a, n in in_flight(b).items() if n)
+        wait_for(lambda: in_flight(b) >= 1, what="the held call")
+        busy = next(a for a, n in in_flight_by_addr(b).items() if n)
         b.drain(busy)
         stats = {s.addr: s for s in b.snapshot()}
         assert stats[busy].draining and stats[busy].in_flight == 1
@@ -419,8 +413,7 @@ def test_registering_a_draining_backend_puts_it_back() -> None:
     with Balancer(["a:1"], backend_factory=Echo) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while sum(in_flight(b).values()) < 1:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight(b) >= 1, what="the held call")
         b.drain("a:1")
         with pytest.raises(NoBackendAvailable):
             b.invoke(None)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import threading
-import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,59 +19,38 @@ from dispatcher import (
 )
 from dispatcher._health import HealthTracker
 from tests import helpers
-from tests.helpers import Echo
+from tests.helpers import Echo, LoopbackServer, wait_for
 
 
-class Server:
+class Server(LoopbackServer):
     """A loopback HTTP server whose health endpoint and answers can be switched."""
 
-    def __init__(self) -> None:
-        self.healthy = True
-        self.failing = False
-        outer = self
+    healthy = True
+    failing = False
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:
-                if self.path == "/healthz":
-                    status = 200 if outer.healthy else 503
-                else:
-                    status = 500 if outer.failing else 200
-                body = str(outer.port).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
 
-            def log_message(self, *args: object) -> None:
-                pass
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            status = 200 if self.server.healthy else 503
+        else:
+            status = 500 if self.server.failing else 200
+        body = str(self.server.port).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_port
-        self.addr = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started = [Server() for _ in range(3)]
-    yield started
-    for server in started:
-        server.stop()
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+def servers(serve: Callable[..., Server]) -> list[Server]:
+    return [serve(Handler, cls=Server) for _ in range(3)]
 
 
 def stats_of(b: Balancer) -> dict[str, Any]:

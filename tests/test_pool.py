@@ -4,7 +4,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -12,7 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from dispatcher import Balancer, DispatcherError, WorkerDied, WorkerPool
-from tests.helpers import Echo
+from tests.helpers import Echo, in_flight, totals, wait_for
 
 ADDRS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 
@@ -21,17 +20,6 @@ ADDRS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 def balancer() -> Iterator[Balancer]:
     with Balancer(ADDRS, backend_factory=Echo) as balancer:
         yield balancer
-
-
-def in_flight(balancer: Balancer) -> int:
-    return sum(stats.in_flight for stats in balancer.snapshot())
-
-
-def wait_for(condition: object, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
@@ -43,8 +31,7 @@ def test_submit_map_and_context_manager(balancer: Balancer, method: str) -> None
         assert sorted(answers) == sorted(ADDRS * 3)
         assert 1 <= len(pool.pids()) <= 2
         assert os.getpid() not in pool.pids()
-    assert sum(stats.requests for stats in balancer.snapshot()) == 7
-    assert in_flight(balancer) == 0
+    assert totals(balancer) == (7, 0, 0)
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(None)
 

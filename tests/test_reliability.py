@@ -17,7 +17,7 @@ import pytest
 
 from dispatcher import Balancer, HealthCheck, SegmentError
 from tests import helpers
-from tests.helpers import Echo
+from tests.helpers import Echo, in_flight, totals, wait_for
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,20 +62,6 @@ def test_a_slow_holder_that_is_alive_is_waited_for(caplog: pytest.LogCaptureFixt
         assert sum(s.requests for s in b.snapshot()) == 1
 
 
-def wait_for(condition: object, timeout: float = 10.0) -> float:
-    """Wait until `condition()` holds; return how long it took."""
-    started = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() - started > timeout:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
-def in_flight(b: Balancer) -> int:
-    return sum(s.in_flight for s in b.snapshot())
-
-
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_killed_workers_counts_return_to_zero_without_traffic(method: str) -> None:
     """A forked and a spawned child each hold a call, are SIGKILLed; the parent sends nothing."""
@@ -88,14 +74,14 @@ def test_killed_workers_counts_return_to_zero_without_traffic(method: str) -> No
         ]
         for child in children:
             child.start()
-        wait_for(lambda: in_flight(b) == 2, timeout=30)
+        wait_for(lambda: in_flight(b) == 2, what="both calls")
         for child in children:
             os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
         for child in children:
             child.join(10)
         # Reaped by the monitor process within its interval (0.5 s), well under 2 s.
-        wait_for(lambda: in_flight(b) == 0, timeout=2.0)
-        assert sum(s.requests for s in b.snapshot()) == 0
+        wait_for(lambda: in_flight(b) == 0, timeout=2.0, what="the monitor to reap")
+        assert totals(b) == (0, 0, 0)
 
 
 def start_owner() -> tuple[subprocess.Popen[str], str]:
@@ -127,7 +113,7 @@ def test_owner_killed_first_attached_keep_working() -> None:
         assert sum(s.requests for s in attached.snapshot()) == 4
     finally:
         attached.close()
-    wait_for(lambda: not os.path.exists(f"/dev/shm/{name}"), timeout=10)
+    wait_for(lambda: not os.path.exists(f"/dev/shm/{name}"), what="the segment to go")
 
 
 def test_owner_closing_first_gives_attached_a_clear_error() -> None:

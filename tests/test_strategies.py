@@ -33,7 +33,15 @@ from dispatcher._strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
-from tests.helpers import Echo, FailingOn, FakeClock, hold_one_call
+from tests.helpers import (
+    Echo,
+    FailingOn,
+    FakeClock,
+    hold_one_call,
+    in_flight,
+    in_flight_by_addr,
+    wait_for,
+)
 
 ADDRS = [f"10.0.1.{i}:80" for i in range(1, 9)]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
@@ -409,15 +417,8 @@ def test_consistent_hash_without_a_key_takes_the_less_loaded_of_two() -> None:
 # Through real balancers -------------------------------------------------------------------
 
 
-def in_flight(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.in_flight for s in balancer.snapshot()}
-
-
 def wait_in_flight(balancer: Balancer, total: int) -> None:
-    deadline = time.monotonic() + 30
-    while sum(in_flight(balancer).values()) < total:
-        assert time.monotonic() < deadline, "calls did not start"
-        time.sleep(0.002)
+    wait_for(lambda: in_flight(balancer) >= total, what=f"{total} calls in flight")
 
 
 WEIGHTED = {"10.0.2.1:80": 1, "10.0.2.2:80": 1, "10.0.2.3:80": 1, "10.0.2.4:80": 3}
@@ -456,12 +457,12 @@ def test_in_flight_spread(strategy: str, holders: str) -> None:
             for i, runner in enumerate(runners):
                 runner.start()
                 wait_in_flight(balancer, i + 1)
-            check_spread(strategy, in_flight(balancer))
+            check_spread(strategy, in_flight_by_addr(balancer))
         finally:
             gate.set()
             for runner in runners:
                 runner.join(30)
-        assert sum(in_flight(balancer).values()) == 0
+        assert in_flight(balancer) == 0
 
 
 def test_concurrent_threads_keep_in_flight_spread() -> None:
@@ -472,7 +473,7 @@ def test_concurrent_threads_keep_in_flight_spread() -> None:
 
         def watch() -> None:
             while not stop.is_set():
-                loads = list(in_flight(balancer).values())
+                loads = list(in_flight_by_addr(balancer).values())
                 peaks.append(max(loads) - min(loads))
                 time.sleep(0.001)
 
@@ -489,7 +490,7 @@ def test_concurrent_threads_keep_in_flight_spread() -> None:
             t.join(60)
         stop.set()
         watcher.join(30)
-        assert sum(in_flight(balancer).values()) == 0
+        assert in_flight(balancer) == 0
     # 8 calls over 4 backends: a spread of 2 each; racing picks may add one or two more.
     assert peaks and max(peaks) <= 5, Counter(peaks)
 
@@ -641,7 +642,7 @@ def test_docs_custom_strategy_works_through_a_balancer() -> None:
                 thread.start()
                 wait_in_flight(balancer, i + 1)
             # Filled in order, `limit` each, then the least loaded.
-            assert in_flight(balancer) == {ADDRS[0]: 2, ADDRS[1]: 2, ADDRS[2]: 1}
+            assert in_flight_by_addr(balancer) == {ADDRS[0]: 2, ADDRS[1]: 2, ADDRS[2]: 1}
         finally:
             gate.set()
             for thread in threads:
