@@ -51,7 +51,7 @@ class Gate:
 
 
 def test_http_calls_are_spread_and_counted(http_addrs: list[str]) -> None:
-    with Balancer(http_addrs, backend_factory=AsyncHttpBackend) as balancer:
+    with Balancer(http_addrs, backend_factory=AsyncHttpBackend, monitor=False) as balancer:
 
         async def main() -> list[bytes]:
             try:
@@ -69,7 +69,7 @@ def test_http_calls_are_spread_and_counted(http_addrs: list[str]) -> None:
 
 
 def test_a_5xx_is_a_failure_and_ends_the_call(http_addrs: list[str]) -> None:
-    with Balancer(http_addrs[:1], backend_factory=AsyncHttpBackend) as balancer:
+    with Balancer(http_addrs[:1], backend_factory=AsyncHttpBackend, monitor=False) as balancer:
 
         async def main() -> None:
             try:
@@ -84,7 +84,7 @@ def test_a_5xx_is_a_failure_and_ends_the_call(http_addrs: list[str]) -> None:
 
 
 def test_cancelled_calls_end_without_counting_as_failures() -> None:
-    with Balancer(["10.0.0.1:80", "10.0.0.2:80"], backend_factory=Gate) as balancer:
+    with Balancer(["10.0.0.1:80", "10.0.0.2:80"], backend_factory=Gate, monitor=False) as balancer:
 
         async def main() -> None:
             never = asyncio.Event()
@@ -112,7 +112,7 @@ def test_a_sync_backend_is_refused_and_leaves_nothing_in_flight() -> None:
         def invoke(self, request: Any, *, timeout: float | None = None) -> str:
             return self.addr
 
-    with Balancer(["10.0.0.1:80"], backend_factory=Sync) as balancer:
+    with Balancer(["10.0.0.1:80"], backend_factory=Sync, monitor=False) as balancer:
         with pytest.raises(TypeError, match="async backend_factory"):
             asyncio.run(balancer.ainvoke(None))
         assert totals(balancer) == (0, 0, 0)
@@ -129,7 +129,7 @@ def _hold(balancer: Balancer, taken: threading.Event, release: threading.Event) 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_a_contended_lock_never_stalls_the_loop(shared: bool) -> None:
-    with Balancer(["10.0.0.1:80"], backend_factory=Gate, shared=shared) as balancer:
+    with Balancer(["10.0.0.1:80"], backend_factory=Gate, shared=shared, monitor=False) as balancer:
         taken, release = threading.Event(), threading.Event()
         holder = threading.Thread(target=_hold, args=(balancer, taken, release))
         holder.start()
@@ -156,7 +156,7 @@ def test_a_contended_lock_never_stalls_the_loop(shared: bool) -> None:
 
 
 def test_a_call_cancelled_while_its_pick_waits_for_the_lock_leaves_nothing_in_flight() -> None:
-    with Balancer(["10.0.0.1:80"], backend_factory=Gate) as balancer:
+    with Balancer(["10.0.0.1:80"], backend_factory=Gate, monitor=False) as balancer:
         taken, release = threading.Event(), threading.Event()
         holder = threading.Thread(target=_hold, args=(balancer, taken, release))
         holder.start()

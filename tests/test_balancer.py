@@ -36,14 +36,14 @@ ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
 
 def test_balancer_is_a_backend() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         assert isinstance(balancer, Backend)
         assert balancer.is_owner
         assert balancer.name.startswith(NAME_PREFIX)
 
 
 def test_round_robin_is_exact_and_in_order() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         answers = [balancer.invoke(None) for _ in range(9)]
         assert answers == ADDRS * 3
         assert requests_by_addr(balancer) == dict.fromkeys(ADDRS, 3)
@@ -51,7 +51,7 @@ def test_round_robin_is_exact_and_in_order() -> None:
 
 def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
     gate = threading.Event()
-    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded", monitor=False) as balancer:
         held = threading.Thread(target=balancer.invoke, args=(gate,))
         held.start()
         wait_for(lambda: in_flight(balancer) >= 1, what="the held call")
@@ -68,7 +68,7 @@ def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
 
 def test_least_loaded_weighs_in_flight_by_weight() -> None:
     gates = [threading.Event() for _ in range(3)]
-    with Balancer(backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(backend_factory=Echo, strategy="least_loaded", monitor=False) as balancer:
         balancer.register("heavy:1", weight=4)
         balancer.register("light:1", weight=1)
         threads = [threading.Thread(target=balancer.invoke, args=(g,)) for g in gates]
@@ -84,7 +84,7 @@ def test_least_loaded_weighs_in_flight_by_weight() -> None:
 
 
 def test_exceptions_reach_the_caller_unchanged_and_count_as_failures() -> None:
-    with Balancer(ADDRS[:1], backend_factory=Echo, failure_threshold=3) as balancer:
+    with Balancer(ADDRS[:1], backend_factory=Echo, failure_threshold=3, monitor=False) as balancer:
         with pytest.raises(RuntimeError, match="failed on purpose") as info:
             balancer.invoke("fail")
         assert type(info.value) is RuntimeError
@@ -105,7 +105,7 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
         def invoke(self, request: Any, *, timeout: float | None = None) -> None:
             raise KeyboardInterrupt
 
-    with Balancer(ADDRS[:1], backend_factory=Interrupting) as balancer:
+    with Balancer(ADDRS[:1], backend_factory=Interrupting, monitor=False) as balancer:
         with pytest.raises(KeyboardInterrupt):
             balancer.invoke(None)
         (stats,) = balancer.snapshot()
@@ -113,7 +113,9 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
 
 
 def test_consecutive_failures_eject_then_the_backend_returns() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=0.3) as b:
+    with Balancer(
+        ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=0.3, monitor=False
+    ) as b:
         bad = ADDRS[0]
         for _ in range(2):
             while b.invoke(None) != ADDRS[2]:
@@ -139,6 +141,7 @@ def test_repeated_ejections_grow_up_to_the_cap() -> None:
         failure_threshold=1,
         ejection_seconds=0.05,
         max_ejection_seconds=0.12,
+        monitor=False,
     ) as b:
         durations = []
         for _ in range(3):
@@ -158,7 +161,7 @@ def test_repeated_ejections_grow_up_to_the_cap() -> None:
 
 
 def test_never_ejects_the_last_eligible_backend() -> None:
-    with Balancer(ADDRS[:2], backend_factory=Echo, failure_threshold=1) as b:
+    with Balancer(ADDRS[:2], backend_factory=Echo, failure_threshold=1, monitor=False) as b:
         for _ in range(10):
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
@@ -169,7 +172,9 @@ def test_never_ejects_the_last_eligible_backend() -> None:
 
 def test_max_ejected_percent_caps_ejections() -> None:
     addrs = [f"10.0.1.{i}:80" for i in range(1, 5)]
-    with Balancer(addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=25) as b:
+    with Balancer(
+        addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=25, monitor=False
+    ) as b:
         for _ in range(12):
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
@@ -177,7 +182,7 @@ def test_max_ejected_percent_caps_ejections() -> None:
 
 
 def test_no_backend_available() -> None:
-    with Balancer(backend_factory=Echo) as b:
+    with Balancer(backend_factory=Echo, monitor=False) as b:
         with pytest.raises(NoBackendAvailable, match="no backend is registered"):
             b.invoke(None)
         b.register("h:1")
@@ -188,7 +193,7 @@ def test_no_backend_available() -> None:
 
 
 def test_register_and_unregister_at_runtime() -> None:
-    with Balancer(backend_factory=Echo, capacity=2) as b:
+    with Balancer(backend_factory=Echo, capacity=2, monitor=False) as b:
         b.register("A.example:80", weight=3)
         b.register("[::1]:81")
         with pytest.raises(DuplicateBackend):
@@ -209,7 +214,7 @@ def test_register_and_unregister_at_runtime() -> None:
 
 def test_call_in_flight_on_an_unregistered_backend_leaves_no_count() -> None:
     gate = threading.Event()
-    with Balancer(["old:1"], backend_factory=Echo) as b:
+    with Balancer(["old:1"], backend_factory=Echo, monitor=False) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
         wait_for(lambda: in_flight_by_addr(b) == {"old:1": 1}, what="the held call")
@@ -250,7 +255,7 @@ def test_call_in_flight_on_an_unregistered_backend_leaves_no_count() -> None:
     ],
 )
 def test_bad_input_is_a_typed_error_and_changes_nothing(call: Any, error: type) -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         b.invoke(None)
         before = b.snapshot()
         with pytest.raises(error):
@@ -305,12 +310,12 @@ def test_keys_are_accepted_and_hashed_stably() -> None:
     assert _key_hash("user-1") == _key_hash(b"user-1")
     assert _key_hash(1) != _key_hash(2)
     assert 0 <= _key_hash(-(2**70)) < 2**64
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         assert b.invoke(None, key="user-1") in ADDRS
 
 
 def test_close_unlinks_in_the_owner_and_later_calls_fail_clearly() -> None:
-    b = Balancer(ADDRS, backend_factory=Echo)
+    b = Balancer(ADDRS, backend_factory=Echo, monitor=False)
     name = b.name
     assert os.path.exists(f"/dev/shm/{name}")
     b.close()
@@ -325,7 +330,7 @@ def test_close_unlinks_in_the_owner_and_later_calls_fail_clearly() -> None:
 
 
 def test_attached_close_only_detaches_and_owner_close_stops_attached() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as owner:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as owner:
         attached = Balancer.attach(owner.name, backend_factory=Echo)
         assert not attached.is_owner
         assert attached.invoke(None) == ADDRS[0]
@@ -355,7 +360,7 @@ def test_attach_rejects_what_is_not_ours() -> None:
 
 
 def test_segment_is_owner_only() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         assert os.stat(f"/dev/shm/{b.name}").st_mode & 0o777 == 0o600
 
 
@@ -380,9 +385,9 @@ def test_custom_strategy_object() -> None:
         def pick(self, view: Any, cursor: int, key: int | None) -> int:
             return 99
 
-    with Balancer(ADDRS, backend_factory=Echo, strategy=Last()) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=Last(), monitor=False) as b:
         assert {b.invoke(None) for _ in range(5)} == {ADDRS[-1]}
-    with Balancer(ADDRS, backend_factory=Echo, strategy=Wrong()) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=Wrong(), monitor=False) as b:
         with pytest.raises(DispatcherError, match="chose 99"):
             b.invoke(None)
         assert in_flight(b) == 0
@@ -390,7 +395,9 @@ def test_custom_strategy_object() -> None:
 
 def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
     gate = threading.Event()
-    with Balancer(["old:1", "other:1"], backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer(
+        ["old:1", "other:1"], backend_factory=Echo, strategy="least_loaded", monitor=False
+    ) as b:
         b.drain("other:1")  # nothing in flight: freed at once
         assert [s.addr for s in b.snapshot()] == ["old:1"]
         b.register("other:1")
@@ -410,7 +417,7 @@ def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
 
 def test_registering_a_draining_backend_puts_it_back() -> None:
     gate = threading.Event()
-    with Balancer(["a:1"], backend_factory=Echo) as b:
+    with Balancer(["a:1"], backend_factory=Echo, monitor=False) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
         wait_for(lambda: in_flight(b) >= 1, what="the held call")
@@ -428,7 +435,8 @@ def test_registering_a_draining_backend_puts_it_back() -> None:
 
 
 def test_slow_start_applies_to_backends_added_later_not_to_the_first_ones() -> None:
-    with Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60) as b:
+    balancer = Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60, monitor=False)
+    with balancer as b:
         b.register("later:1", weight=10)
         stats = {s.addr: s for s in b.snapshot()}
         assert stats["first:1"].effective_weight == 1

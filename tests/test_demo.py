@@ -152,7 +152,7 @@ def test_sampler_rates_and_event_log() -> None:
 
 
 def test_find_by_owner_and_worker_rows() -> None:
-    with Balancer(["127.0.0.1:7201"], backend_factory=Echo) as balancer:
+    with Balancer(["127.0.0.1:7201"], backend_factory=Echo, monitor=False) as balancer:
         balancer.invoke(None)
         assert balancer.name in segment.find_by_owner(os.getpid())
         with open_target(balancer.name) as watcher:

@@ -185,7 +185,7 @@ def test_reconcile_registers_drains_revives_and_keeps_live_weights() -> None:
 
 
 def test_reconcile_reports_what_does_not_fit() -> None:
-    with Balancer(backend_factory=Echo, shared=False, capacity=1) as balancer:
+    with Balancer(backend_factory=Echo, shared=False, capacity=1, monitor=False) as balancer:
         changes = reconcile(balancer, {"10.0.0.1:80": 1, "10.0.0.2:80": 1})
         assert changes.added == ("10.0.0.1:80",)
         assert changes.failed == ("10.0.0.2:80",)
@@ -292,7 +292,7 @@ def test_a_live_weight_change_is_applied_in_place() -> None:
 
 
 def test_discovery_runs_in_a_forked_monitor_process() -> None:
-    with Balancer(backend_factory=Echo) as balancer:
+    with Balancer(backend_factory=Echo, monitor=False) as balancer:
         stop = fork.Event()
         monitor = fork.Process(
             target=run_discovery, args=(balancer, StaticResolver({"10.0.0.7:80": 4}), stop)
@@ -400,7 +400,7 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     caplog.set_level(logging.INFO, LOGGER)
     etcd.put("/services/web/1", '{"addr": "10.0.0.1:8001", "weight": 1}')
     etcd.put("/services/web/2", "10.0.0.2:8002")
-    with Balancer(backend_factory=Echo, capacity=8) as balancer:
+    with Balancer(backend_factory=Echo, capacity=8, monitor=False) as balancer:
         discovery = Discovery(balancer, EtcdResolver(etcd.url, "web", max_backoff=0.5))
         stop = fork.Event()
         out = fork.Queue()

@@ -76,6 +76,7 @@ def test_health_check_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
         HealthCheck(**kwargs)
 
 
+@pytest.mark.monitor
 def test_failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back(
     servers: list[Server],
 ) -> None:
@@ -92,6 +93,7 @@ def test_failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back
         assert str(sick.port).encode() in ports
 
 
+@pytest.mark.monitor
 def test_a_passing_health_check_ends_a_passive_ejection(servers: list[Server]) -> None:
     check = HealthCheck(path="/healthz", interval=0.05)
     bad = servers[0]
@@ -111,6 +113,7 @@ def test_a_passing_health_check_ends_a_passive_ejection(servers: list[Server]) -
         wait_for(lambda: not stats_of(b)[bad.addr].ejected)
 
 
+@pytest.mark.monitor
 def test_user_callable_health_check(servers: list[Server]) -> None:
     check = HealthCheck(interval=0.05, fall=1, check=helpers.always_false)
     with Balancer([s.addr for s in servers], health_check=check, panic_percent=0) as b:
@@ -121,7 +124,9 @@ def test_user_callable_health_check(servers: list[Server]) -> None:
 
 def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
     addrs = [f"10.0.2.{i}:80" for i in range(1, 5)]
-    with Balancer(addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100) as b:
+    with Balancer(
+        addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100, monitor=False
+    ) as b:
         for _ in range(3):  # three different backends fail once each: 1 of 4 left
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
@@ -133,7 +138,9 @@ def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
 def test_retries_go_to_different_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     addrs = [f"10.0.3.{i}:80" for i in range(1, 6)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs[:3]))
-    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
+    with Balancer(
+        addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
+    ) as b:
         for _ in range(10):
             assert b.invoke(None, retries=3) in addrs[3:]
             assert b._state.retries() == 0  # every retry gave its budget back
@@ -153,7 +160,9 @@ def test_retry_budget_is_shared_and_bounds_concurrent_retries(
 ) -> None:
     addrs = [f"10.0.4.{i}:80" for i in range(1, 4)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
-    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
+    with Balancer(
+        addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
+    ) as b:
         b._claim_row()
         for _ in range(3):  # the budget's floor: three retries under way at once, anywhere
             assert b._state.take_retry(b._row_base, 3)
@@ -167,7 +176,9 @@ def test_retry_budget_is_shared_and_bounds_concurrent_retries(
 
 def test_retries_stop_at_the_deadline() -> None:
     addrs = [f"10.0.5.{i}:80" for i in range(1, 11)]
-    with Balancer(addrs, backend_factory=helpers.SlowFail, failure_threshold=100) as b:
+    with Balancer(
+        addrs, backend_factory=helpers.SlowFail, failure_threshold=100, monitor=False
+    ) as b:
         with pytest.raises(TimeoutError):
             b.invoke(None, timeout=0.12, retries=50)
         attempts = sum(s.requests for s in b.snapshot())

@@ -86,7 +86,7 @@ def test_nothing_listening_and_timeouts_are_backend_errors(servers: list[str]) -
 
 def test_balancer_over_real_servers(servers: list[str]) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    with Balancer([*servers, dead], failure_threshold=2, ejection_seconds=30) as b:
+    with Balancer([*servers, dead], failure_threshold=2, ejection_seconds=30, monitor=False) as b:
         ports = []
         failures = 0
         for _ in range(12):

@@ -18,7 +18,7 @@ ADDRS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 
 @pytest.fixture
 def balancer() -> Iterator[Balancer]:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         yield balancer
 
 
@@ -115,7 +115,10 @@ def test_rejects_unshared_balancer() -> None:
         WorkerPool(local, 1)
     with pytest.raises(TypeError):
         WorkerPool("not a balancer", 1)  # type: ignore[arg-type]
-    with Balancer(ADDRS, backend_factory=Echo) as balancer, pytest.raises(ValueError):
+    with (
+        Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer,
+        pytest.raises(ValueError),
+    ):
         WorkerPool(balancer, 0)
 
 

@@ -19,7 +19,7 @@ CONTEXTS = ["fork", "spawn"]
 
 
 def test_threads_lose_nothing() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded", monitor=False) as b:
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -41,7 +41,7 @@ def test_threads_lose_nothing() -> None:
 @pytest.mark.parametrize("method", CONTEXTS)
 def test_round_robin_cursor_is_shared_exactly(method: str) -> None:
     ctx = multiprocessing.get_context(method)
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         children = [ctx.Process(target=helpers.call_many, args=(b, 600)) for _ in range(3)]
         for child in children:
             child.start()
@@ -56,7 +56,7 @@ def test_round_robin_cursor_is_shared_exactly(method: str) -> None:
 def test_child_in_flight_is_visible_to_the_parent(method: str) -> None:
     ctx = multiprocessing.get_context(method)
     gate = ctx.Event()
-    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded", monitor=False) as b:
         child = ctx.Process(target=helpers.hold_one_call, args=(b, gate))
         child.start()
         wait_for(lambda: totals(b) == (0, 0, 1), what="the child's call")
@@ -73,7 +73,7 @@ def test_child_in_flight_is_visible_to_the_parent(method: str) -> None:
 def test_membership_changes_reach_children_and_back(method: str) -> None:
     ctx = multiprocessing.get_context(method)
     ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    with Balancer(ADDRS[:2], backend_factory=Echo) as b:
+    with Balancer(ADDRS[:2], backend_factory=Echo, monitor=False) as b:
         child = ctx.Process(target=helpers.picks_after_change, args=(b, ready, go, out))
         child.start()
         assert out.get(timeout=30) == ADDRS[:2]
@@ -92,7 +92,7 @@ def test_membership_changes_reach_children_and_back(method: str) -> None:
 
 
 def test_forked_child_counts_reach_the_parent_after_a_bare_os_fork() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         b.invoke(None)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
@@ -111,7 +111,7 @@ def test_forked_child_counts_reach_the_parent_after_a_bare_os_fork() -> None:
 def test_killed_child_counts_are_reaped() -> None:
     ctx = multiprocessing.get_context("fork")
     gate = ctx.Event()
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         child = ctx.Process(target=helpers.hold_one_call, args=(b, gate))
         child.start()
         wait_for(lambda: totals(b) == (0, 0, 1), what="the child's call")
@@ -125,7 +125,7 @@ def test_killed_child_counts_are_reaped() -> None:
 
 def test_an_unrelated_process_attaching_by_name_never_unlinks_the_segment() -> None:
     """A process with its own resource tracker attaches, calls, and exits cleanly."""
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         script = textwrap.dedent(
             f"""
             from dispatcher import Balancer
@@ -170,7 +170,9 @@ def test_owner_exit_unlinks_without_tracker_warnings() -> None:
 def test_least_loaded_workers_do_not_start_in_lockstep() -> None:
     """Eight workers that each make their first pick on an idle pool do not all pick alike."""
     ctx = multiprocessing.get_context("fork")
-    with Balancer([*ADDRS, "10.0.0.4:80"], backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer(
+        [*ADDRS, "10.0.0.4:80"], backend_factory=Echo, strategy="least_loaded", monitor=False
+    ) as b:
         b.snapshot()
         for _ in range(8):
             child = ctx.Process(target=helpers.call_many, args=(b, 1))

@@ -29,7 +29,7 @@ def test_a_process_that_dies_holding_the_lock_does_not_freeze_the_others(
 ) -> None:
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         b.invoke(None)
         child = ctx.Process(target=helpers.hold_the_lock, args=(b, ready, write_holder, 60))
         child.start()
@@ -50,7 +50,7 @@ def test_a_process_that_dies_holding_the_lock_does_not_freeze_the_others(
 def test_a_slow_holder_that_is_alive_is_waited_for(caplog: pytest.LogCaptureFixture) -> None:
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         child = ctx.Process(target=helpers.hold_the_lock, args=(b, ready, True, 0.8))
         child.start()
         assert ready.wait(10)
@@ -62,6 +62,7 @@ def test_a_slow_holder_that_is_alive_is_waited_for(caplog: pytest.LogCaptureFixt
         assert sum(s.requests for s in b.snapshot()) == 1
 
 
+@pytest.mark.monitor
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_killed_workers_counts_return_to_zero_without_traffic(method: str) -> None:
     """A forked and a spawned child each hold a call, are SIGKILLed; the parent sends nothing."""
@@ -133,7 +134,7 @@ def test_owner_closing_first_gives_attached_a_clear_error() -> None:
 
 
 def test_a_pickled_handle_to_a_closed_segment_is_a_clear_error() -> None:
-    b = Balancer(ADDRS, backend_factory=Echo)
+    b = Balancer(ADDRS, backend_factory=Echo, monitor=False)
     data = pickle.dumps(b)
     b.close()
     with pytest.raises(SegmentError, match="does not exist"):
@@ -142,7 +143,7 @@ def test_a_pickled_handle_to_a_closed_segment_is_a_clear_error() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_another_user_cannot_attach() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             code = 1
@@ -190,7 +191,7 @@ def test_a_backend_factory_that_raises_counts_nothing() -> None:
     def broken(addr: str) -> Echo:
         raise OSError(f"cannot build a client for {addr}")
 
-    with Balancer(ADDRS, backend_factory=broken, strategy="least_loaded") as b:
+    with Balancer(ADDRS, backend_factory=broken, strategy="least_loaded", monitor=False) as b:
         b.drain(ADDRS[0])
         for _ in range(3):
             with pytest.raises(OSError, match="cannot build"):
@@ -200,7 +201,7 @@ def test_a_backend_factory_that_raises_counts_nothing() -> None:
 
 
 def test_closing_an_attached_handle_gives_its_worker_row_back() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, max_workers=2) as owner:
+    with Balancer(ADDRS, backend_factory=Echo, max_workers=2, monitor=False) as owner:
         for _ in range(5):
             with Balancer.attach(owner.name, backend_factory=Echo) as attached:
                 attached.invoke(None)
@@ -219,6 +220,7 @@ def test_a_wall_clock_step_does_not_make_live_workers_look_dead() -> None:
     assert not workers.is_alive(os.getpid(), (start or 0) + 100)
 
 
+@pytest.mark.monitor
 def test_a_health_check_that_cannot_reach_the_monitor_leaves_nothing_behind() -> None:
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(TypeError, match="picklable"):
@@ -230,6 +232,7 @@ def test_a_health_check_that_cannot_reach_the_monitor_leaves_nothing_behind() ->
     assert not {n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dispatcher_")}
 
 
+@pytest.mark.monitor
 def test_slow_health_probes_do_not_delay_reaping() -> None:
     ctx = multiprocessing.get_context("fork")
     gate = ctx.Event()

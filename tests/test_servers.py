@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.server
-import inspect
 import os
 import signal
 import subprocess
@@ -213,9 +212,8 @@ def gunicorn(
         server.stop()
 
 
-def no_monitor() -> dict[str, str]:
-    """Balancer options that leave reaping to the gunicorn hooks alone, where that is a choice."""
-    return {"monitor": "False"} if "monitor" in inspect.signature(Balancer).parameters else {}
+NO_MONITOR = {"monitor": "False"}
+"""Balancer options that leave reaping to the gunicorn hooks alone."""
 
 
 def totals(name: str) -> tuple[dict[str, int], int]:
@@ -270,7 +268,7 @@ def test_gunicorn_worker_killed_mid_request_leaves_nothing_in_flight(
     tmp_path: Path, backends: Callable[..., Backend]
 ) -> None:
     backend = backends()
-    with gunicorn(tmp_path, [backend.addr], "sync", False, **no_monitor()) as (server, _):
+    with gunicorn(tmp_path, [backend.addr], "sync", False, **NO_MONITOR) as (server, _):
         name = server.wait_ready()
         wait_for(lambda: len(server.workers()) == WORKERS, 20, what="every worker to start")
         before = server.workers()

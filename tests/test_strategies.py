@@ -425,7 +425,7 @@ WEIGHTED = {"10.0.2.1:80": 1, "10.0.2.2:80": 1, "10.0.2.3:80": 1, "10.0.2.4:80":
 
 
 def weighted_balancer(strategy: str) -> Balancer:
-    balancer = Balancer(backend_factory=Echo, strategy=strategy)
+    balancer = Balancer(backend_factory=Echo, strategy=strategy, monitor=False)
     for addr, weight in WEIGHTED.items():
         balancer.register(addr, weight)
     return balancer
@@ -469,7 +469,9 @@ def test_concurrent_threads_keep_in_flight_spread() -> None:
     """Picks racing from 8 threads, calls of random length: no backend runs far ahead."""
     peaks: list[int] = []
     stop = threading.Event()
-    with Balancer(ADDRS[:4], backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(
+        ADDRS[:4], backend_factory=Echo, strategy="least_loaded", monitor=False
+    ) as balancer:
 
         def watch() -> None:
             while not stop.is_set():
@@ -501,7 +503,7 @@ def test_every_strategy_skips_ejected_backends(
 ) -> None:
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ADDRS[1])
     with Balancer(
-        ADDRS[:4], backend_factory=FailingOn, strategy=strategy, failure_threshold=1
+        ADDRS[:4], backend_factory=FailingOn, strategy=strategy, failure_threshold=1, monitor=False
     ) as balancer:
         answers = []
         for i in range(60):
@@ -523,7 +525,7 @@ def test_sticky_keys_are_the_same_in_a_spawned_child() -> None:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     strategy = ConsistentHash(balance_factor=1.25)
-    with Balancer(ADDRS, backend_factory=Echo, strategy=strategy) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=strategy, monitor=False) as balancer:
         mine = [balancer.invoke(None, key=f"session-{i}") for i in range(50)]
         assert len(set(mine)) >= 6
         child = ctx.Process(target=sticky_picks, args=(balancer, queue))
@@ -536,7 +538,9 @@ def test_sticky_keys_are_the_same_in_a_spawned_child() -> None:
 
 def test_keys_move_only_from_a_removed_backend() -> None:
     keys = [f"k{i}" for i in range(1600)]
-    with Balancer(ADDRS, backend_factory=Echo, strategy="consistent_hash") as balancer:
+    with Balancer(
+        ADDRS, backend_factory=Echo, strategy="consistent_hash", monitor=False
+    ) as balancer:
         before = [balancer.invoke(None, key=k) for k in keys]
         gone = ADDRS[5]
         balancer.unregister(gone)
@@ -561,7 +565,9 @@ class Sleepy:
 
 def test_peak_ewma_avoids_the_slow_backend() -> None:
     addrs = [f"10.0.3.1:{port}" for port in (81, 82, 83, 84)]
-    with Balancer(addrs, backend_factory=Sleepy, strategy=PeakEwma(seed=1)) as balancer:
+    with Balancer(
+        addrs, backend_factory=Sleepy, strategy=PeakEwma(seed=1), monitor=False
+    ) as balancer:
         counts = Counter(balancer.invoke(None) for _ in range(300))
     # Probed once when new, then it loses every pair: round-robin would give it 75.
     assert counts["10.0.3.1:84"] <= 3, counts
@@ -571,7 +577,11 @@ def test_peak_ewma_avoids_the_slow_backend() -> None:
 def test_peak_ewma_avoids_a_backend_that_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ADDRS[0])
     with Balancer(
-        ADDRS[:4], backend_factory=FailingOn, strategy="peak_ewma", failure_threshold=1000
+        ADDRS[:4],
+        backend_factory=FailingOn,
+        strategy="peak_ewma",
+        failure_threshold=1000,
+        monitor=False,
     ) as balancer:
         failed = 0
         for _ in range(300):
@@ -590,7 +600,9 @@ def test_slow_start_ramps_a_new_backend_up(strategy: str) -> None:
     new = "10.0.4.9:80"
     clock = FakeClock()
     with clock.use(
-        Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
+        Balancer(
+            ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10, monitor=False
+        )
     ) as balancer:
         clock.advance(60)
         balancer.register(new)
@@ -609,7 +621,13 @@ def test_round_robin_random_and_consistent_hash_ignore_slow_start() -> None:
     new = "10.0.4.9:80"
     for strategy in ("round_robin", "random", "consistent_hash"):
         with FakeClock().use(
-            Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
+            Balancer(
+                ADDRS[:3],
+                backend_factory=Echo,
+                strategy=strategy,
+                slow_start_seconds=10,
+                monitor=False,
+            )
         ) as balancer:
             balancer.register(new)
             answers = Counter(balancer.invoke(None, key=i) for i in range(800))
@@ -633,7 +651,7 @@ def test_docs_custom_strategy_works_through_a_balancer() -> None:
     spillover = example["Spillover"](limit=2)
     assert isinstance(spillover, Strategy)
     gate = threading.Event()
-    with Balancer(ADDRS[:3], backend_factory=Echo, strategy=spillover) as balancer:
+    with Balancer(ADDRS[:3], backend_factory=Echo, strategy=spillover, monitor=False) as balancer:
         # Idle: everything goes to the first backend.
         assert {balancer.invoke(None) for _ in range(20)} == {ADDRS[0]}
         threads = [threading.Thread(target=balancer.invoke, args=(gate,)) for _ in range(5)]
