@@ -348,6 +348,7 @@ def test_etcd_unreachable_is_an_error_not_an_empty_list(caplog: pytest.LogCaptur
         assert warnings(caplog, "keeping the last good list (nothing yet)")
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_etcd_lists_skips_bad_values_and_relists_after_compaction(
     etcd: EtcdServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -393,6 +394,7 @@ def test_etcd_lists_skips_bad_values_and_relists_after_compaction(
     assert "compacted" in caplog.text
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart(
     etcd: EtcdServer, caplog: pytest.LogCaptureFixture
@@ -464,6 +466,7 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     assert not warnings(caplog, "did not stop")
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_the_demo_takes_its_backends_from_etcd(etcd: EtcdServer) -> None:
     done = subprocess.run(

@@ -37,6 +37,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("uvicorn_worker")
 pytest.importorskip("httpx")
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 SLOW_S = 0.25
