@@ -180,10 +180,14 @@ def owner_until_stdin_closes(addrs: list[str]) -> None:
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told: `use` gives it to a balancer."""
+    """A monotonic clock that moves only when told: `use` gives it to a balancer.
 
-    def __init__(self) -> None:
-        self.now = time.monotonic_ns()
+    The one way a test controls time: the balancer's state stamps everything it stores with
+    ``state.clock()`` (ejections, latencies, slow start), and the balancer reads the same clock.
+    """
+
+    def __init__(self, now: int | None = None) -> None:
+        self.now = time.monotonic_ns() if now is None else now
 
     def __call__(self) -> int:
         return self.now
@@ -192,6 +196,11 @@ class FakeClock:
         self.now += round(seconds * 1e9)
 
     def use(self, balancer: Balancer) -> Balancer:
+        """Give the clock to `balancer`, which must have no monitor process: a monitor stamps
+        the same segment from its own clock, the real one."""
+        _, _, (_, monitor), _ = balancer._finalizer.peek() or (None, None, (None, None), None)
+        if monitor is not None:
+            raise ValueError("a balancer on a FakeClock needs monitor=False")
         balancer._state.clock = self
         return balancer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -26,6 +25,7 @@ from dispatcher import (
 from dispatcher._segment import NAME_PREFIX
 from tests.helpers import (
     Echo,
+    FakeClock,
     in_flight,
     in_flight_by_addr,
     requests_by_addr,
@@ -113,9 +113,11 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
 
 
 def test_consecutive_failures_eject_then_the_backend_returns() -> None:
-    with Balancer(
-        ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=0.3, monitor=False
-    ) as b:
+    clock = FakeClock()
+    balancer = Balancer(
+        ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=30, monitor=False
+    )
+    with clock.use(balancer) as b:
         bad = ADDRS[0]
         for _ in range(2):
             while b.invoke(None) != ADDRS[2]:
@@ -124,10 +126,11 @@ def test_consecutive_failures_eject_then_the_backend_returns() -> None:
                 b.invoke("fail")  # the cursor now points at ADDRS[0]
         stats = {s.addr: s for s in b.snapshot()}
         assert stats[bad].ejected and stats[bad].times_ejected == 1
-        assert stats[bad].ejected_until is not None
-        assert stats[bad].ejected_until > time.monotonic()
+        assert stats[bad].ejected_until == pytest.approx(clock.now / 1e9 + 30, abs=1e-6)
         assert bad not in {b.invoke(None) for _ in range(20)}
-        time.sleep(0.35)
+        clock.advance(29.999)
+        assert bad not in {b.invoke(None) for _ in range(20)}
+        clock.advance(0.001)
         assert bad in {b.invoke(None) for _ in range(20)}
         stats = {s.addr: s for s in b.snapshot()}
         assert not stats[bad].ejected
@@ -135,29 +138,32 @@ def test_consecutive_failures_eject_then_the_backend_returns() -> None:
 
 
 def test_repeated_ejections_grow_up_to_the_cap() -> None:
-    with Balancer(
+    clock = FakeClock()
+    balancer = Balancer(
         ADDRS,
         backend_factory=Echo,
         failure_threshold=1,
         ejection_seconds=0.05,
         max_ejection_seconds=0.12,
         monitor=False,
-    ) as b:
+    )
+    with clock.use(balancer) as b:
         durations = []
         for _ in range(3):
             # The backend comes back from its ejection still failing: the first answer ejects it.
             while b.invoke(None) != ADDRS[2]:
                 pass
-            before = time.monotonic()
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
             stats = {s.addr: s for s in b.snapshot()}[ADDRS[0]]
-            assert stats.ejected_until is not None
-            durations.append(stats.ejected_until - before)
-            time.sleep(durations[-1] + 0.01)
-        assert durations[0] == pytest.approx(0.05, abs=0.02)
-        assert durations[1] == pytest.approx(0.10, abs=0.02)
-        assert durations[2] == pytest.approx(0.12, abs=0.02)
+            assert stats.ejected and stats.ejected_until is not None
+            durations.append(stats.ejected_until - clock.now / 1e9)
+            # Out until the very end of its ejection, back at it.
+            clock.advance(durations[-1] - 1e-9)
+            assert {s.addr: s for s in b.snapshot()}[ADDRS[0]].ejected
+            clock.advance(1e-9)
+            assert not {s.addr: s for s in b.snapshot()}[ADDRS[0]].ejected
+        assert durations == pytest.approx([0.05, 0.10, 0.12], abs=1e-6)
 
 
 def test_never_ejects_the_last_eligible_backend() -> None:
@@ -435,9 +441,16 @@ def test_registering_a_draining_backend_puts_it_back() -> None:
 
 
 def test_slow_start_applies_to_backends_added_later_not_to_the_first_ones() -> None:
+    clock = FakeClock()
     balancer = Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60, monitor=False)
-    with balancer as b:
+    with clock.use(balancer) as b:
         b.register("later:1", weight=10)
         stats = {s.addr: s for s in b.snapshot()}
         assert stats["first:1"].effective_weight == 1
-        assert 0.99 <= stats["later:1"].effective_weight < 1.5  # 10% of 10, just registered
+        assert stats["later:1"].effective_weight == pytest.approx(1.0)  # 10% of 10: just added
+        clock.advance(30)
+        stats = {s.addr: s for s in b.snapshot()}
+        assert stats["first:1"].effective_weight == 1
+        assert stats["later:1"].effective_weight == pytest.approx(5.0)  # halfway through
+        clock.advance(30)
+        assert {s.addr: s.effective_weight for s in b.snapshot()} == {"first:1": 1, "later:1": 10}
