@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from dispatcher import BackendError, Balancer, HttpRequest
+from dispatcher._layout import H_LOCK_PID
 from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose
 from tests.helpers import totals
 
@@ -142,7 +144,8 @@ def test_a_contended_lock_never_stalls_the_loop(shared: bool) -> None:
                 await asyncio.sleep(0.005)
                 ticks += 1
             # The loop ran while the pick waited: the holder still holds, the call is pending.
-            still_held, pending = not release.is_set(), not task.done()
+            holding = balancer._state.words[H_LOCK_PID] == os.getpid()
+            still_held, pending = holder.is_alive() and holding, not task.done()
             release.set()
             return await asyncio.wait_for(task, 10), still_held, pending
 

@@ -172,6 +172,7 @@ def test_reconcile_registers_drains_revives_and_keeps_live_weights() -> None:
         assert not (changes.added or changes.drained)
         assert members(balancer) == {"10.0.0.1:80": 5, "10.0.0.2:80": 3}
         changes = reconcile(balancer, {"10.0.0.1:80": 2, "10.0.0.2:80": 3})
+        assert (changes.added, changes.drained, changes.reweighted) == ((), (), ("10.0.0.1:80",))
 
         assert reconcile(balancer, {"10.0.0.1:80": 2}).drained == ("10.0.0.2:80",)
         gate.set()

@@ -101,7 +101,7 @@ def test_retries_on_worker_death(balancer: Balancer) -> None:
             killed.append(pool.pids()[0])
             os.kill(killed[-1], signal.SIGKILL)
         done, _ = wait([twice], timeout=30)
-        assert done
+        assert done == {twice}
         with pytest.raises(WorkerDied, match="sent 2 times"):
             twice.result()
         wait_for(lambda: in_flight(balancer) == 0)
