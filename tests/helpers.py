@@ -321,9 +321,16 @@ def own_balancer(addrs: list[str], calls: int) -> None:
         sys.stdin.read()
 
 
-def slow_check(addr: str) -> bool:
-    """A health check that takes far longer than the reaper's interval."""
-    time.sleep(5)
+def check_until_released(addr: str) -> bool:
+    """A health check that lasts until the test lets it end, far longer than the reaper's
+    interval: it creates $DISPATCHER_TEST_PROBING, then passes once $DISPATCHER_TEST_RELEASE
+    exists (or after 30 s)."""
+    open(os.environ["DISPATCHER_TEST_PROBING"], "a").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.environ["DISPATCHER_TEST_RELEASE"]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 
