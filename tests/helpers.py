@@ -163,6 +163,20 @@ def hold_the_lock(balancer: Balancer, ready: Any, write_holder: bool, seconds: f
     lock.release()
 
 
+def hold_retries(balancer: Balancer, count: int, held: Any, release: Any) -> None:
+    """Have `count` retries of the shared budget under way in this process until `release`
+    is set, as another worker's retries would be."""
+    balancer._claim_row()
+    state, row = balancer._state, balancer._row_base
+    if not all(state.take_retry(row, count) for _ in range(count)):
+        raise AssertionError(f"{count} retries did not fit the budget")
+    held.set()
+    release.wait(30)
+    for _ in range(count):
+        state.return_retry(row)
+    balancer.close()
+
+
 def hold_one_call_attached(name: str, gate: Any) -> None:
     """Like `hold_one_call`, in a process that attached by name."""
     balancer = Balancer.attach(name, backend_factory=Echo)

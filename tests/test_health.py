@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from dispatcher import (
 )
 from dispatcher._health import HealthTracker
 from tests import helpers
-from tests.helpers import Echo, LoopbackServer, wait_for
+from tests.helpers import Echo, LoopbackServer, totals, wait_for
 
 
 class Server(LoopbackServer):
@@ -160,17 +161,29 @@ def test_retry_budget_is_shared_and_bounds_concurrent_retries(
 ) -> None:
     addrs = [f"10.0.4.{i}:80" for i in range(1, 4)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
     with Balancer(
         addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
     ) as b:
-        b._claim_row()
-        for _ in range(3):  # the budget's floor: three retries under way at once, anywhere
-            assert b._state.take_retry(b._row_base, 3)
+        # Another process has the budget's floor under way: three retries at once, anywhere.
+        other = ctx.Process(target=helpers.hold_retries, args=(b, 3, held, release))
+        other.start()
+        try:
+            assert held.wait(30)
+            assert b._state.retries() == 3
+            with pytest.raises(ConnectionError):
+                b.invoke(None, retries=2)
+            assert totals(b) == (1, 1, 0)  # no retry was allowed
+        finally:
+            release.set()
+            other.join(30)
+        assert other.exitcode == 0
+        assert b._state.retries() == 0
+        # With the budget free again, the same call is retried.
         with pytest.raises(ConnectionError):
             b.invoke(None, retries=2)
-        assert sum(s.requests for s in b.snapshot()) == 1  # no retry was allowed
-        for _ in range(3):
-            b._state.return_retry(b._row_base)
+        assert totals(b) == (4, 4, 0)
         assert b._state.retries() == 0
 
 
