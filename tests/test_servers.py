@@ -41,7 +41,12 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
-SLOW_S = 0.25
+SLOW_S = 1.0
+"""How long the slow backend takes. Least-loaded gives it a share that shrinks as it gets
+slower than the fast path: at 0.25 s, a loaded 2-core machine (fast calls taking tens of ms
+through the server) brought a uvicorn worker's share to 0.156, over the 0.15 bound below; at
+1 s, ten runs of both worker classes there gave each worker with 20 calls or more a share of
+0 to 7.4%, and the slow backend 2 to 9 of the 240 calls (the bound below: about 25)."""
 HOLD_S = 20.0
 """Longest a held backend call waits to be released: a bound for a failed test."""
 
@@ -357,9 +362,17 @@ def test_uvicorn_workers_attach_by_the_name_in_the_environment(
     server = Server([sys.executable, str(script)], port, tmp_path / "uvicorn.log")
     try:
         name = server.wait_ready()
-        served = server.drive("/call", 60)
+        # One worker may answer before the other is up: call until both have answered.
+        served: list[tuple[int, str]] = []
+
+        def both_answered() -> bool:
+            served.extend(server.drive("/call", 10))
+            return len({pid for pid, _ in served}) == 2
+
+        wait_for(both_answered, 30, what="both workers to answer")
+        served += server.drive("/call", 60)
         requests, in_flight = totals(name)
-        assert sum(requests.values()) == len(served) == 60
+        assert sum(requests.values()) == len(served) >= 70
         assert in_flight == 0
         assert len({pid for pid, _ in served}) == 2
     finally:
