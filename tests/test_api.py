@@ -6,16 +6,19 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import multiprocessing.synchronize
 import pickle
 import pkgutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 import dispatcher
-from dispatcher import errors
+from dispatcher import Balancer, SegmentError, _lock, errors
+from tests.helpers import Echo
 
 PACKAGE = Path(dispatcher.__file__).parent
 
@@ -260,3 +263,61 @@ def test_the_scan_finds_what_it_looks_for(tmp_path: Path) -> None:
         "line 8: L._private",
         "line 8: other._theirs",
     ]
+
+
+# The SemLock seam and its version fence ----------------------------------------------------
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))
+
+
+def test_this_python_is_one_the_semlock_seam_was_tested_on() -> None:
+    low, high = _lock.SEMLOCK_TESTED
+    assert low <= sys.version_info[:2] <= high, (
+        f"run the suite, then extend dispatcher._lock.SEMLOCK_TESTED to {sys.version_info[:2]}"
+    )
+
+
+def test_a_python_without_semlock_names_is_refused_naming_its_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Context:
+        """A multiprocessing whose locks keep no name on their SemLock."""
+
+        def Lock(self) -> SimpleNamespace:
+            return SimpleNamespace(_semlock=object())
+
+    monkeypatch.setattr(_lock.multiprocessing, "get_context", lambda method: Context())
+    with pytest.raises(SegmentError) as caught:
+        Balancer(["10.0.0.1:80"], backend_factory=Echo, monitor=False)
+    message = str(caught.value)
+    assert message.startswith(f"Python {python_version()}: "), message
+    assert "SemLock.name" in message
+    low, high = (".".join(map(str, version)) for version in _lock.SEMLOCK_TESTED)
+    assert f"tested on {low} to {high}" in message
+
+
+@pytest.mark.parametrize("change", ["removed", "changed"])
+def test_a_python_that_cannot_open_a_lock_by_name_is_refused_naming_its_version(
+    change: str,
+) -> None:
+    semlock = multiprocessing.synchronize.SemLock
+
+    def setstate(self: object, state: tuple[object, ...], extra: object) -> None:
+        raise AssertionError("a state of another shape: never called with one argument")
+
+    with Balancer(["10.0.0.1:80"], backend_factory=Echo, monitor=False) as owner:
+        with pytest.MonkeyPatch.context() as patch:
+            if change == "removed":
+                patch.delattr(semlock, "__setstate__")
+            else:
+                patch.setattr(semlock, "__setstate__", setstate)
+            with pytest.raises(SegmentError) as caught:
+                Balancer.attach(owner.name, backend_factory=Echo)
+        message = str(caught.value)
+        assert message.startswith(f"Python {python_version()}: "), message
+        assert "Lock.__setstate__" in message
+        # Nothing was left half-open: the same attach works on a Python that has the parts.
+        with Balancer.attach(owner.name, backend_factory=Echo) as attached:
+            assert attached.invoke(None) == "10.0.0.1:80"
