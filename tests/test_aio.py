@@ -20,7 +20,7 @@ from dispatcher import BackendError, Balancer, HttpRequest
 from dispatcher import _layout as L
 from dispatcher._layout import H_LOCK_PID
 from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose
-from tests.helpers import hold_retries, totals
+from tests.helpers import hold_retries, totals, wait_for
 
 pytest.importorskip("httpx")
 
@@ -482,3 +482,38 @@ def test_a_retry_cancelled_anywhere_leaves_every_count_at_zero(
         assert retries_under_way(balancer) == (0, 0)
         assert totals(balancer) == (1, 1, 0)  # the first attempt's failure, nothing else
         assert script.log == [ADDRS[0], ADDRS[1]][: 2 if where == "in the backend" else 1]
+
+
+@pytest.mark.parametrize("step", ["pick", "take_retry"])
+def test_a_cancelled_step_is_undone_even_after_its_event_loop_ended(
+    step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``asyncio.run`` returns, and closes its loop, while a cancelled call's step still waits
+    for the lock on a thread: what the step does once it has the lock is undone all the same
+    (the pick ended as cancelled, the retry's budget given back), not left counted forever."""
+    release = threading.Event()
+    script = Script(down={ADDRS[0]})
+    with scripted(script) as balancer:
+        contended = contend(balancer, step, release, monkeypatch)
+
+        async def main() -> None:
+            task = asyncio.create_task(balancer.ainvoke(None, retries=2))
+            while not contended.waiting.is_set():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        try:
+            asyncio.run(main())  # its loop is closed before the step can end
+        finally:
+            release.set()
+        wait_for(lambda: len(contended.results) == 1, what="the step to end")
+        wait_for(
+            lambda: retries_under_way(balancer) == (0, 0) and totals(balancer).in_flight == 0,
+            timeout=10,
+            what="the cancelled step to be undone",
+        )
+        assert contended.results[0]  # the step did count something: a call, or a retry
+        assert balancer._state.cursor() == 1
+        assert totals(balancer) == ((0, 0, 0) if step == "pick" else (1, 1, 0))
