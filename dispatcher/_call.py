@@ -73,24 +73,26 @@ async def off_loop(
     """``step(*args, blocking=False)`` inline; if the lock is busy, ``step(*args)`` on a thread.
 
     The thread's work is shielded: a cancelled caller does not stop it, and `undo` is then
-    called (on a thread) with its result, so nothing it counted is left behind.
+    called (on a thread) with its result, so nothing it counted is left behind. The undo hangs
+    on the thread's own future, not on the loop's: the loop may be closed by the time the
+    work ends (``asyncio.run`` returning just after the cancellation).
     """
     try:
         return step(*args, blocking=False)
     except LockBusy:
         pass
-    future = asyncio.get_running_loop().run_in_executor(_POOL.get(), functools.partial(step, *args))
+    work = _POOL.get().submit(step, *args)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(asyncio.wrap_future(work))
     except asyncio.CancelledError:
         if undo is not None:
-            future.add_done_callback(functools.partial(_undo_when_done, undo))
+            work.add_done_callback(functools.partial(_undo_when_done, undo))
         raise
 
 
-def _undo_when_done(undo: Callable[[T], object], future: asyncio.Future[T]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        _POOL.get().submit(undo, future.result())
+def _undo_when_done(undo: Callable[[T], object], work: concurrent.futures.Future[T]) -> None:
+    if not work.cancelled() and work.exception() is None:
+        _POOL.get().submit(undo, work.result())
 
 
 class _Pool:

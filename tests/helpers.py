@@ -1,15 +1,98 @@
-"""Backends and child-process bodies shared by the tests (importable by spawned children)."""
+"""What the tests share: waiting, counting, loopback HTTP servers, a clock, backends and
+child-process bodies (importable by spawned children, so nothing here imports pytest)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
-from dispatcher import Balancer
+from dispatcher import Balancer, _segment
+from dispatcher import _layout as L
+
+# Waiting and counting -------------------------------------------------------------------------
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, what: str = "the condition"
+) -> float:
+    """Poll `condition` until it holds; return how many seconds that took.
+
+    `timeout` bounds a test that fails; it is a checked duration only where a test says so.
+    """
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+class Totals(NamedTuple):
+    """Sums over every backend of a balancer, as every attached process sees them."""
+
+    requests: int
+    failures: int
+    in_flight: int
+
+
+def totals(balancer: Balancer) -> Totals:
+    stats = balancer.snapshot()
+    return Totals(
+        sum(s.requests for s in stats),
+        sum(s.failures for s in stats),
+        sum(s.in_flight for s in stats),
+    )
+
+
+def in_flight(balancer: Balancer) -> int:
+    """Calls in flight on every backend together."""
+    return sum(s.in_flight for s in balancer.snapshot())
+
+
+def in_flight_by_addr(balancer: Balancer) -> dict[str, int]:
+    return {s.addr: s.in_flight for s in balancer.snapshot()}
+
+
+def requests_by_addr(balancer: Balancer) -> dict[str, int]:
+    return {s.addr: s.requests for s in balancer.snapshot()}
+
+
+# Loopback HTTP servers ------------------------------------------------------------------------
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """An HTTP server on a free loopback port, serving from a daemon thread until `stop`.
+
+    `attributes` are set on the server before it serves (handlers read them as
+    ``self.server.<name>``). It polls for `stop` every 10 ms, not every 0.5 s, so stopping
+    takes no noticeable time.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self, handler: type[http.server.BaseHTTPRequestHandler], **attributes: Any
+    ) -> None:
+        vars(self).update(attributes)
+        super().__init__(("127.0.0.1", 0), handler)
+        self.port = self.server_port
+        self.addr = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.serve_forever, args=(0.01,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+# Backends -------------------------------------------------------------------------------------
 
 
 class Echo:
@@ -86,6 +169,20 @@ def hold_the_lock(balancer: Balancer, ready: Any, write_holder: bool, seconds: f
         lock.semaphore.release()
 
 
+def hold_retries(balancer: Balancer, count: int, held: Any, release: Any) -> None:
+    """Have `count` retries of the shared budget under way in this process until `release`
+    is set, as another worker's retries would be."""
+    balancer._segment.claim_row()
+    state = balancer._state
+    if not all(state.take_retry(count) for _ in range(count)):
+        raise AssertionError(f"{count} retries did not fit the budget")
+    held.set()
+    release.wait(30)
+    for _ in range(count):
+        state.return_retry()
+    balancer.close()
+
+
 def hold_one_call_attached(name: str, gate: Any) -> None:
     """Like `hold_one_call`, in a process that attached by name."""
     balancer = Balancer.attach(name, backend_factory=Echo)
@@ -102,11 +199,26 @@ def owner_until_stdin_closes(addrs: list[str]) -> None:
     balancer.close()
 
 
-class FakeClock:
-    """A monotonic clock that moves only when told: `use` gives it to a balancer."""
+@contextlib.contextmanager
+def as_another_process(balancer: Balancer) -> Iterator[None]:
+    """Attach to `balancer` as a process that never opened its segment would: this process's
+    own handle on it is put aside meanwhile (a process opens each segment only once)."""
+    saved = _segment._open.pop(balancer.name)
+    try:
+        yield
+    finally:
+        _segment._open[balancer.name] = saved
 
-    def __init__(self) -> None:
-        self.now = time.monotonic_ns()
+
+class FakeClock:
+    """A monotonic clock that moves only when told: `use` gives it to a balancer.
+
+    The one way a test controls time: the balancer's state stamps everything it stores with
+    ``state.clock()`` (ejections, latencies, slow start), and the balancer reads the same clock.
+    """
+
+    def __init__(self, now: int | None = None) -> None:
+        self.now = time.monotonic_ns() if now is None else now
 
     def __call__(self) -> int:
         return self.now
@@ -115,6 +227,10 @@ class FakeClock:
         self.now += round(seconds * 1e9)
 
     def use(self, balancer: Balancer) -> Balancer:
+        """Give the clock to `balancer`, which must have no monitor process: a monitor stamps
+        the same segment from its own clock, the real one."""
+        if balancer._state.words[L.H_MONITOR]:
+            raise ValueError("a balancer on a FakeClock needs monitor=False")
         balancer._state.clock = self
         return balancer
 
@@ -235,9 +351,16 @@ def own_balancer(addrs: list[str], calls: int) -> None:
         sys.stdin.read()
 
 
-def slow_check(addr: str) -> bool:
-    """A health check that takes far longer than the reaper's interval."""
-    time.sleep(5)
+def check_until_released(addr: str) -> bool:
+    """A health check that lasts until the test lets it end, far longer than the reaper's
+    interval: it creates $DISPATCHER_TEST_PROBING, then passes once $DISPATCHER_TEST_RELEASE
+    exists (or after 30 s)."""
+    open(os.environ["DISPATCHER_TEST_PROBING"], "a").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.environ["DISPATCHER_TEST_RELEASE"]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 

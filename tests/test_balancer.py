@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -24,41 +23,39 @@ from dispatcher import (
     UnknownBackend,
 )
 from dispatcher._segment import NAME_PREFIX
-from tests.helpers import Echo
+from tests.helpers import (
+    Echo,
+    FakeClock,
+    in_flight,
+    in_flight_by_addr,
+    requests_by_addr,
+    wait_for,
+)
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
 
-def counts(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.requests for s in balancer.snapshot()}
-
-
-def in_flight(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.in_flight for s in balancer.snapshot()}
-
-
 def test_balancer_is_a_backend() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         assert isinstance(balancer, Backend)
         assert balancer.is_owner
         assert balancer.name.startswith(NAME_PREFIX)
 
 
 def test_round_robin_is_exact_and_in_order() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         answers = [balancer.invoke(None) for _ in range(9)]
         assert answers == ADDRS * 3
-        assert counts(balancer) == dict.fromkeys(ADDRS, 3)
+        assert requests_by_addr(balancer) == dict.fromkeys(ADDRS, 3)
 
 
 def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
     gate = threading.Event()
-    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="least_loaded", monitor=False) as balancer:
         held = threading.Thread(target=balancer.invoke, args=(gate,))
         held.start()
-        while sum(in_flight(balancer).values()) < 1:
-            time.sleep(0.001)
-        busy = next(a for a, n in in_flight(balancer).items() if n)
+        wait_for(lambda: in_flight(balancer) >= 1, what="the held call")
+        busy = next(a for a, n in in_flight_by_addr(balancer).items() if n)
         picks = Counter(balancer.invoke(None) for _ in range(100))
         gate.set()
         held.join()
@@ -71,16 +68,15 @@ def test_least_loaded_avoids_busy_backends_and_shares_ties() -> None:
 
 def test_least_loaded_weighs_in_flight_by_weight() -> None:
     gates = [threading.Event() for _ in range(3)]
-    with Balancer(backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(backend_factory=Echo, strategy="least_loaded", monitor=False) as balancer:
         balancer.register("heavy:1", weight=4)
         balancer.register("light:1", weight=1)
         threads = [threading.Thread(target=balancer.invoke, args=(g,)) for g in gates]
         for t in threads:
             t.start()
-        while sum(in_flight(balancer).values()) < 3:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight(balancer) >= 3, what="the held calls")
         # Whatever the first three took, at 3 in flight the weight-4 backend is the lighter.
-        assert in_flight(balancer)["heavy:1"] >= 2
+        assert in_flight_by_addr(balancer)["heavy:1"] >= 2
         for g in gates:
             g.set()
         for t in threads:
@@ -88,7 +84,7 @@ def test_least_loaded_weighs_in_flight_by_weight() -> None:
 
 
 def test_exceptions_reach_the_caller_unchanged_and_count_as_failures() -> None:
-    with Balancer(ADDRS[:1], backend_factory=Echo, failure_threshold=3) as balancer:
+    with Balancer(ADDRS[:1], backend_factory=Echo, failure_threshold=3, monitor=False) as balancer:
         with pytest.raises(RuntimeError, match="failed on purpose") as info:
             balancer.invoke("fail")
         assert type(info.value) is RuntimeError
@@ -109,7 +105,7 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
         def invoke(self, request: Any, *, timeout: float | None = None) -> None:
             raise KeyboardInterrupt
 
-    with Balancer(ADDRS[:1], backend_factory=Interrupting) as balancer:
+    with Balancer(ADDRS[:1], backend_factory=Interrupting, monitor=False) as balancer:
         with pytest.raises(KeyboardInterrupt):
             balancer.invoke(None)
         (stats,) = balancer.snapshot()
@@ -117,7 +113,11 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
 
 
 def test_consecutive_failures_eject_then_the_backend_returns() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=0.3) as b:
+    clock = FakeClock()
+    balancer = Balancer(
+        ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=30, monitor=False
+    )
+    with clock.use(balancer) as b:
         bad = ADDRS[0]
         for _ in range(2):
             while b.invoke(None) != ADDRS[2]:
@@ -126,10 +126,11 @@ def test_consecutive_failures_eject_then_the_backend_returns() -> None:
                 b.invoke("fail")  # the cursor now points at ADDRS[0]
         stats = {s.addr: s for s in b.snapshot()}
         assert stats[bad].ejected and stats[bad].times_ejected == 1
-        assert stats[bad].ejected_until is not None
-        assert stats[bad].ejected_until > time.monotonic()
+        assert stats[bad].ejected_until == pytest.approx(clock.now / 1e9 + 30, abs=1e-6)
         assert bad not in {b.invoke(None) for _ in range(20)}
-        time.sleep(0.35)
+        clock.advance(29.999)
+        assert bad not in {b.invoke(None) for _ in range(20)}
+        clock.advance(0.001)
         assert bad in {b.invoke(None) for _ in range(20)}
         stats = {s.addr: s for s in b.snapshot()}
         assert not stats[bad].ejected
@@ -137,43 +138,50 @@ def test_consecutive_failures_eject_then_the_backend_returns() -> None:
 
 
 def test_repeated_ejections_grow_up_to_the_cap() -> None:
-    with Balancer(
+    clock = FakeClock()
+    balancer = Balancer(
         ADDRS,
         backend_factory=Echo,
         failure_threshold=1,
         ejection_seconds=0.05,
         max_ejection_seconds=0.12,
-    ) as b:
+        monitor=False,
+    )
+    with clock.use(balancer) as b:
         durations = []
         for _ in range(3):
             # The backend comes back from its ejection still failing: the first answer ejects it.
             while b.invoke(None) != ADDRS[2]:
                 pass
-            before = time.monotonic()
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
             stats = {s.addr: s for s in b.snapshot()}[ADDRS[0]]
-            assert stats.ejected_until is not None
-            durations.append(stats.ejected_until - before)
-            time.sleep(durations[-1] + 0.01)
-        assert durations[0] == pytest.approx(0.05, abs=0.02)
-        assert durations[1] == pytest.approx(0.10, abs=0.02)
-        assert durations[2] == pytest.approx(0.12, abs=0.02)
+            assert stats.ejected and stats.ejected_until is not None
+            durations.append(stats.ejected_until - clock.now / 1e9)
+            # Out until the very end of its ejection, back at it.
+            clock.advance(durations[-1] - 1e-9)
+            assert {s.addr: s for s in b.snapshot()}[ADDRS[0]].ejected
+            clock.advance(1e-9)
+            assert not {s.addr: s for s in b.snapshot()}[ADDRS[0]].ejected
+        assert durations == pytest.approx([0.05, 0.10, 0.12], abs=1e-6)
 
 
 def test_never_ejects_the_last_eligible_backend() -> None:
-    with Balancer(ADDRS[:2], backend_factory=Echo, failure_threshold=1) as b:
+    with Balancer(ADDRS[:2], backend_factory=Echo, failure_threshold=1, monitor=False) as b:
         for _ in range(10):
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
-        ejected = [s.ejected for s in b.snapshot()]
-        assert ejected.count(True) == 1
-        assert b.invoke(None)
+        stats = b.snapshot()
+        assert [s.ejected for s in stats].count(True) == 1
+        (left,) = [s.addr for s in stats if not s.ejected]
+        assert [b.invoke(None) for _ in range(3)] == [left] * 3
 
 
 def test_max_ejected_percent_caps_ejections() -> None:
     addrs = [f"10.0.1.{i}:80" for i in range(1, 5)]
-    with Balancer(addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=25) as b:
+    with Balancer(
+        addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=25, monitor=False
+    ) as b:
         for _ in range(12):
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
@@ -181,7 +189,7 @@ def test_max_ejected_percent_caps_ejections() -> None:
 
 
 def test_no_backend_available() -> None:
-    with Balancer(backend_factory=Echo) as b:
+    with Balancer(backend_factory=Echo, monitor=False) as b:
         with pytest.raises(NoBackendAvailable, match="no backend is registered"):
             b.invoke(None)
         b.register("h:1")
@@ -192,7 +200,7 @@ def test_no_backend_available() -> None:
 
 
 def test_register_and_unregister_at_runtime() -> None:
-    with Balancer(backend_factory=Echo, capacity=2) as b:
+    with Balancer(backend_factory=Echo, capacity=2, monitor=False) as b:
         b.register("A.example:80", weight=3)
         b.register("[::1]:81")
         with pytest.raises(DuplicateBackend):
@@ -213,11 +221,10 @@ def test_register_and_unregister_at_runtime() -> None:
 
 def test_call_in_flight_on_an_unregistered_backend_leaves_no_count() -> None:
     gate = threading.Event()
-    with Balancer(["old:1"], backend_factory=Echo) as b:
+    with Balancer(["old:1"], backend_factory=Echo, monitor=False) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while in_flight(b) != {"old:1": 1}:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight_by_addr(b) == {"old:1": 1}, what="the held call")
         b.unregister("old:1")
         b.register("new:1")  # takes the same slot
         gate.set()
@@ -255,7 +262,7 @@ def test_call_in_flight_on_an_unregistered_backend_leaves_no_count() -> None:
     ],
 )
 def test_bad_input_is_a_typed_error_and_changes_nothing(call: Any, error: type) -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         b.invoke(None)
         before = b.snapshot()
         with pytest.raises(error):
@@ -310,12 +317,12 @@ def test_keys_are_accepted_and_hashed_stably() -> None:
     assert _key_hash("user-1") == _key_hash(b"user-1")
     assert _key_hash(1) != _key_hash(2)
     assert 0 <= _key_hash(-(2**70)) < 2**64
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         assert b.invoke(None, key="user-1") in ADDRS
 
 
 def test_close_unlinks_in_the_owner_and_later_calls_fail_clearly() -> None:
-    b = Balancer(ADDRS, backend_factory=Echo)
+    b = Balancer(ADDRS, backend_factory=Echo, monitor=False)
     name = b.name
     assert os.path.exists(f"/dev/shm/{name}")
     b.close()
@@ -330,7 +337,7 @@ def test_close_unlinks_in_the_owner_and_later_calls_fail_clearly() -> None:
 
 
 def test_attached_close_only_detaches_and_owner_close_stops_attached() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as owner:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as owner:
         attached = Balancer.attach(owner.name, backend_factory=Echo)
         assert not attached.is_owner
         assert attached.invoke(None) == ADDRS[0]
@@ -360,7 +367,7 @@ def test_attach_rejects_what_is_not_ours() -> None:
 
 
 def test_segment_is_owner_only() -> None:
-    with Balancer(ADDRS, backend_factory=Echo) as b:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
         assert os.stat(f"/dev/shm/{b.name}").st_mode & 0o777 == 0o600
 
 
@@ -385,25 +392,26 @@ def test_custom_strategy_object() -> None:
         def pick(self, view: Any, cursor: int, key: int | None) -> int:
             return 99
 
-    with Balancer(ADDRS, backend_factory=Echo, strategy=Last()) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=Last(), monitor=False) as b:
         assert {b.invoke(None) for _ in range(5)} == {ADDRS[-1]}
-    with Balancer(ADDRS, backend_factory=Echo, strategy=Wrong()) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=Wrong(), monitor=False) as b:
         with pytest.raises(DispatcherError, match="chose 99"):
             b.invoke(None)
-        assert sum(s.in_flight for s in b.snapshot()) == 0
+        assert in_flight(b) == 0
 
 
 def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
     gate = threading.Event()
-    with Balancer(["old:1", "other:1"], backend_factory=Echo, strategy="least_loaded") as b:
+    with Balancer(
+        ["old:1", "other:1"], backend_factory=Echo, strategy="least_loaded", monitor=False
+    ) as b:
         b.drain("other:1")  # nothing in flight: freed at once
         assert [s.addr for s in b.snapshot()] == ["old:1"]
         b.register("other:1")
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while sum(in_flight(b).values()) < 1:
-            time.sleep(0.001)
-        busy = next(a for a, n in in_flight(b).items() if n)
+        wait_for(lambda: in_flight(b) >= 1, what="the held call")
+        busy = next(a for a, n in in_flight_by_addr(b).items() if n)
         b.drain(busy)
         stats = {s.addr: s for s in b.snapshot()}
         assert stats[busy].draining and stats[busy].in_flight == 1
@@ -416,11 +424,10 @@ def test_drain_stops_new_calls_and_frees_the_slot_when_calls_end() -> None:
 
 def test_registering_a_draining_backend_puts_it_back() -> None:
     gate = threading.Event()
-    with Balancer(["a:1"], backend_factory=Echo) as b:
+    with Balancer(["a:1"], backend_factory=Echo, monitor=False) as b:
         call = threading.Thread(target=b.invoke, args=(gate,))
         call.start()
-        while sum(in_flight(b).values()) < 1:
-            time.sleep(0.001)
+        wait_for(lambda: in_flight(b) >= 1, what="the held call")
         b.drain("a:1")
         with pytest.raises(NoBackendAvailable):
             b.invoke(None)
@@ -435,8 +442,16 @@ def test_registering_a_draining_backend_puts_it_back() -> None:
 
 
 def test_slow_start_applies_to_backends_added_later_not_to_the_first_ones() -> None:
-    with Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60) as b:
+    clock = FakeClock()
+    balancer = Balancer(["first:1"], backend_factory=Echo, slow_start_seconds=60, monitor=False)
+    with clock.use(balancer) as b:
         b.register("later:1", weight=10)
         stats = {s.addr: s for s in b.snapshot()}
         assert stats["first:1"].effective_weight == 1
-        assert 0.99 <= stats["later:1"].effective_weight < 1.5  # 10% of 10, just registered
+        assert stats["later:1"].effective_weight == pytest.approx(1.0)  # 10% of 10: just added
+        clock.advance(30)
+        stats = {s.addr: s for s in b.snapshot()}
+        assert stats["first:1"].effective_weight == 1
+        assert stats["later:1"].effective_weight == pytest.approx(5.0)  # halfway through
+        clock.advance(30)
+        assert {s.addr: s.effective_weight for s in b.snapshot()} == {"first:1": 1, "later:1": 10}

@@ -152,7 +152,7 @@ def test_sampler_rates_and_event_log() -> None:
 
 
 def test_find_by_owner_and_worker_rows() -> None:
-    with Balancer(["127.0.0.1:7201"], backend_factory=Echo) as balancer:
+    with Balancer(["127.0.0.1:7201"], backend_factory=Echo, monitor=False) as balancer:
         balancer.invoke(None)
         assert balancer.name in segment.find_by_owner(os.getpid())
         with open_target(balancer.name) as watcher:
@@ -167,6 +167,7 @@ def test_find_by_owner_and_worker_rows() -> None:
         open_target(name)
 
 
+@pytest.mark.slow
 def test_top_reports_a_balancer_owned_by_another_process() -> None:
     addrs = ["127.0.0.1:7301", "127.0.0.1:7302"]
     owner = subprocess.Popen(
@@ -252,6 +253,7 @@ def lines_until(process: subprocess.Popen[str], pattern: str) -> Iterator[str]:
     raise AssertionError(f"the demo ended before printing {pattern!r}")
 
 
+@pytest.mark.slow
 def test_demo_runs_headless_and_names_every_backend() -> None:
     process = demo("--duration", "6", "--rate", "40")
     out, err = process.communicate(timeout=90)
@@ -275,6 +277,7 @@ def gone(process: psutil.Process) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_leaves_no_segment() -> None:
     process = demo("--rate", "40")
     try:

@@ -15,8 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,15 @@ from dispatcher.discovery import (
     parse_etcd_value,
     reconcile,
 )
-from tests.helpers import Echo, free_port, localhost_lookup, run_discovery, send_load
+from tests.helpers import (
+    Echo,
+    free_port,
+    localhost_lookup,
+    requests_by_addr,
+    run_discovery,
+    send_load,
+    wait_for,
+)
 
 ETCD = shutil.which("etcd")
 needs_etcd = pytest.mark.skipif(
@@ -46,21 +53,9 @@ fork = multiprocessing.get_context("fork")
 LOGGER = "dispatcher.discovery"
 
 
-def wait_until(predicate: Callable[[], object], what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {seconds} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def members(balancer: Balancer) -> dict[str, int]:
     """Addresses in rotation (not draining) and their weights."""
     return {s.addr: s.weight for s in balancer.snapshot() if not s.draining}
-
-
-def requests(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.requests for s in balancer.snapshot()}
 
 
 def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -99,7 +94,7 @@ class EtcdServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(self._ready, "etcd to answer")
+        wait_for(self._ready, what="etcd to answer")
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -161,7 +156,7 @@ def test_reconcile_registers_drains_revives_and_keeps_live_weights() -> None:
         gate = threading.Event()
         held = threading.Thread(target=balancer.invoke, args=(gate,))
         held.start()
-        wait_until(lambda: balancer.snapshot()[0].in_flight == 1, "the held call")
+        wait_for(lambda: balancer.snapshot()[0].in_flight == 1, what="the held call")
 
         changes = reconcile(balancer, {"10.0.0.1:80": 2})
         assert (changes.added, changes.drained) == (("10.0.0.1:80",), ("10.0.0.2:80",))
@@ -177,6 +172,7 @@ def test_reconcile_registers_drains_revives_and_keeps_live_weights() -> None:
         assert not (changes.added or changes.drained)
         assert members(balancer) == {"10.0.0.1:80": 5, "10.0.0.2:80": 3}
         changes = reconcile(balancer, {"10.0.0.1:80": 2, "10.0.0.2:80": 3})
+        assert (changes.added, changes.drained, changes.reweighted) == ((), (), ("10.0.0.1:80",))
 
         assert reconcile(balancer, {"10.0.0.1:80": 2}).drained == ("10.0.0.2:80",)
         gate.set()
@@ -190,7 +186,7 @@ def test_reconcile_registers_drains_revives_and_keeps_live_weights() -> None:
 
 
 def test_reconcile_reports_what_does_not_fit() -> None:
-    with Balancer(backend_factory=Echo, shared=False, capacity=1) as balancer:
+    with Balancer(backend_factory=Echo, shared=False, capacity=1, monitor=False) as balancer:
         changes = reconcile(balancer, {"10.0.0.1:80": 1, "10.0.0.2:80": 1})
         assert changes.added == ("10.0.0.1:80",)
         assert changes.failed == ("10.0.0.2:80",)
@@ -261,22 +257,22 @@ def test_dns_resolver_error_keeps_the_last_list_and_says_so_once(
         Discovery(balancer, resolver),
     ):
         wanted = {"10.0.0.1:8080": 1, "10.0.0.2:8080": 1}
-        wait_until(lambda: members(balancer) == wanted, "the first answer")
+        wait_for(lambda: members(balancer) == wanted, what="the first answer")
 
         dns.hosts = "fail"
         calls = dns.calls
-        wait_until(lambda: dns.calls >= calls + 5, "five failed lookups")
+        wait_for(lambda: dns.calls >= calls + 5, what="five failed lookups")
         assert members(balancer) == wanted
         kept = warnings(caplog, "keeping the last good list (2 instances)")
         assert len(kept) == 1, caplog.text
         assert "gaierror" in kept[0]
 
         dns.hosts = ["10.0.0.2"]
-        wait_until(lambda: members(balancer) == {"10.0.0.2:8080": 1}, "the next good answer")
+        wait_for(lambda: members(balancer) == {"10.0.0.2:8080": 1}, what="the next good answer")
         assert "answers again" in caplog.text
 
         dns.hosts = []
-        wait_until(lambda: balancer.snapshot() == [], "an empty answer to drain everything")
+        wait_for(lambda: balancer.snapshot() == [], what="an empty answer to drain everything")
         assert warnings(caplog, "lists no instances")
 
 
@@ -288,23 +284,23 @@ def test_a_live_weight_change_is_applied_in_place() -> None:
 
     resolver = DnsResolver("_web._tcp.internal", srv=True, resolver=lookup, interval=0.02)
     with Balancer(backend_factory=Echo, shared=False) as balancer, Discovery(balancer, resolver):
-        wait_until(lambda: members(balancer) == {"10.0.0.1:80": 2}, "the first answer")
+        wait_for(lambda: members(balancer) == {"10.0.0.1:80": 2}, what="the first answer")
         balancer.invoke(None)
         records = [DnsRecord("10.0.0.1", 80, weight=7)]
-        wait_until(lambda: members(balancer) == {"10.0.0.1:80": 7}, "the new weight")
+        wait_for(lambda: members(balancer) == {"10.0.0.1:80": 7}, what="the new weight")
         (stats,) = balancer.snapshot()
         assert (stats.requests, stats.draining) == (1, False)
 
 
 def test_discovery_runs_in_a_forked_monitor_process() -> None:
-    with Balancer(backend_factory=Echo) as balancer:
+    with Balancer(backend_factory=Echo, monitor=False) as balancer:
         stop = fork.Event()
         monitor = fork.Process(
             target=run_discovery, args=(balancer, StaticResolver({"10.0.0.7:80": 4}), stop)
         )
         monitor.start()
         try:
-            wait_until(lambda: members(balancer) == {"10.0.0.7:80": 4}, "the monitor's register")
+            wait_for(lambda: members(balancer) == {"10.0.0.7:80": 4}, what="the monitor's register")
             assert balancer.invoke(None) == "10.0.0.7:80"
         finally:
             stop.set()
@@ -345,7 +341,7 @@ def test_etcd_unreachable_is_an_error_not_an_empty_list(caplog: pytest.LogCaptur
     with Balancer(["10.0.0.1:80"], backend_factory=Echo, shared=False) as balancer:
         discovery = Discovery(balancer, resolver).start()
         try:
-            wait_until(lambda: discovery.failing, "the connection to fail")
+            wait_for(lambda: discovery.failing, what="the connection to fail")
         finally:
             discovery.stop()
         assert members(balancer) == {"10.0.0.1:80": 1}
@@ -353,6 +349,7 @@ def test_etcd_unreachable_is_an_error_not_an_empty_list(caplog: pytest.LogCaptur
         assert warnings(caplog, "keeping the last good list (nothing yet)")
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_etcd_lists_skips_bad_values_and_relists_after_compaction(
     etcd: EtcdServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -398,6 +395,7 @@ def test_etcd_lists_skips_bad_values_and_relists_after_compaction(
     assert "compacted" in caplog.text
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart(
     etcd: EtcdServer, caplog: pytest.LogCaptureFixture
@@ -405,16 +403,16 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     caplog.set_level(logging.INFO, LOGGER)
     etcd.put("/services/web/1", '{"addr": "10.0.0.1:8001", "weight": 1}')
     etcd.put("/services/web/2", "10.0.0.2:8002")
-    with Balancer(backend_factory=Echo, capacity=8) as balancer:
+    with Balancer(backend_factory=Echo, capacity=8, monitor=False) as balancer:
         discovery = Discovery(balancer, EtcdResolver(etcd.url, "web", max_backoff=0.5))
         stop = fork.Event()
         out = fork.Queue()
         workers = []
         try:
             discovery.start()
-            wait_until(
+            wait_for(
                 lambda: members(balancer) == {"10.0.0.1:8001": 1, "10.0.0.2:8002": 1},
-                "the first listing",
+                what="the first listing",
             )
             workers = [
                 fork.Process(target=send_load, args=(balancer, stop, out, 50)) for _ in range(2)
@@ -423,24 +421,34 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
                 worker.start()
 
             etcd.put("/services/web/3", '{"addr": "10.0.0.3:8003", "weight": 2}')
-            wait_until(lambda: requests(balancer).get("10.0.0.3:8003", 0) > 0, "picks of a 3rd")
+            wait_for(
+                lambda: requests_by_addr(balancer).get("10.0.0.3:8003", 0) > 0,
+                what="picks of a 3rd",
+            )
             etcd.delete("/services/web/1")
-            wait_until(lambda: "10.0.0.1:8001" not in requests(balancer), "1 drained and freed")
+            wait_for(
+                lambda: "10.0.0.1:8001" not in requests_by_addr(balancer),
+                what="1 drained and freed",
+            )
 
             etcd.kill()
-            wait_until(lambda: discovery.failing, "discovery to notice etcd is gone")
-            before = requests(balancer)
-            wait_until(
-                lambda: all(requests(balancer)[a] > before[a] for a in before),
-                "workers to keep using the kept list while etcd is down",
+            wait_for(lambda: discovery.failing, what="discovery to notice etcd is gone")
+            before = requests_by_addr(balancer)
+            wait_for(
+                lambda: all(requests_by_addr(balancer)[a] > before[a] for a in before),
+                what="workers to keep using the kept list while etcd is down",
             )
             assert members(balancer) == {"10.0.0.2:8002": 1, "10.0.0.3:8003": 2}
 
             etcd.start()
             etcd.put("/services/web/4", "10.0.0.4:8004")
-            wait_until(lambda: requests(balancer).get("10.0.0.4:8004", 0) > 0, "a 4th after")
+            wait_for(
+                lambda: requests_by_addr(balancer).get("10.0.0.4:8004", 0) > 0, what="a 4th after"
+            )
             etcd.delete("/services/web/2")
-            wait_until(lambda: "10.0.0.2:8002" not in requests(balancer), "2 drained after")
+            wait_for(
+                lambda: "10.0.0.2:8002" not in requests_by_addr(balancer), what="2 drained after"
+            )
             assert members(balancer) == {"10.0.0.3:8003": 2, "10.0.0.4:8004": 1}
             assert not discovery.failing
         finally:
@@ -459,6 +467,7 @@ def test_etcd_membership_follows_the_registry_under_load_through_an_etcd_restart
     assert not warnings(caplog, "did not stop")
 
 
+@pytest.mark.slow
 @needs_etcd
 def test_the_demo_takes_its_backends_from_etcd(etcd: EtcdServer) -> None:
     done = subprocess.run(

@@ -568,6 +568,7 @@ def _die_mid_call(balancer: Balancer, gate: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.monitor
 def test_a_dead_monitor_is_replaced_and_its_work_taken_over(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import threading
-import time
+import multiprocessing
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,59 +20,38 @@ from dispatcher import (
 )
 from dispatcher._health import HealthTracker
 from tests import helpers
-from tests.helpers import Echo
+from tests.helpers import Echo, LoopbackServer, totals, wait_for
 
 
-class Server:
+class Server(LoopbackServer):
     """A loopback HTTP server whose health endpoint and answers can be switched."""
 
-    def __init__(self) -> None:
-        self.healthy = True
-        self.failing = False
-        outer = self
+    healthy = True
+    failing = False
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:
-                if self.path == "/healthz":
-                    status = 200 if outer.healthy else 503
-                else:
-                    status = 500 if outer.failing else 200
-                body = str(outer.port).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
 
-            def log_message(self, *args: object) -> None:
-                pass
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            status = 200 if self.server.healthy else 503
+        else:
+            status = 500 if self.server.failing else 200
+        body = str(self.server.port).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_port
-        self.addr = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started = [Server() for _ in range(3)]
-    yield started
-    for server in started:
-        server.stop()
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+def servers(serve: Callable[..., Server]) -> list[Server]:
+    return [serve(Handler, cls=Server) for _ in range(3)]
 
 
 def stats_of(b: Balancer) -> dict[str, Any]:
@@ -99,6 +77,7 @@ def test_health_check_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
         HealthCheck(**kwargs)
 
 
+@pytest.mark.monitor
 def test_failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back(
     servers: list[Server],
 ) -> None:
@@ -115,6 +94,7 @@ def test_failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back
         assert str(sick.port).encode() in ports
 
 
+@pytest.mark.monitor
 def test_a_passing_health_check_ends_a_passive_ejection(servers: list[Server]) -> None:
     check = HealthCheck(path="/healthz", interval=0.05)
     bad = servers[0]
@@ -134,6 +114,7 @@ def test_a_passing_health_check_ends_a_passive_ejection(servers: list[Server]) -
         wait_for(lambda: not stats_of(b)[bad.addr].ejected)
 
 
+@pytest.mark.monitor
 def test_user_callable_health_check(servers: list[Server]) -> None:
     check = HealthCheck(interval=0.05, fall=1, check=helpers.always_false)
     with Balancer([s.addr for s in servers], health_check=check, panic_percent=0) as b:
@@ -144,7 +125,9 @@ def test_user_callable_health_check(servers: list[Server]) -> None:
 
 def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
     addrs = [f"10.0.2.{i}:80" for i in range(1, 5)]
-    with Balancer(addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100) as b:
+    with Balancer(
+        addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100, monitor=False
+    ) as b:
         for _ in range(3):  # three different backends fail once each: 1 of 4 left
             with pytest.raises(RuntimeError):
                 b.invoke("fail")
@@ -156,7 +139,9 @@ def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
 def test_retries_go_to_different_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     addrs = [f"10.0.3.{i}:80" for i in range(1, 6)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs[:3]))
-    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
+    with Balancer(
+        addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
+    ) as b:
         for _ in range(10):
             assert b.invoke(None, retries=3) in addrs[3:]
             assert b._state.retries() == 0  # every retry gave its budget back
@@ -176,21 +161,37 @@ def test_retry_budget_is_shared_and_bounds_concurrent_retries(
 ) -> None:
     addrs = [f"10.0.4.{i}:80" for i in range(1, 4)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs))
-    with Balancer(addrs, backend_factory=helpers.FailingOn, failure_threshold=100) as b:
-        b._segment.claim_row()
-        for _ in range(3):  # the budget's floor: three retries under way at once, anywhere
-            assert b._state.take_retry(3)
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    with Balancer(
+        addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
+    ) as b:
+        # Another process has the budget's floor under way: three retries at once, anywhere.
+        other = ctx.Process(target=helpers.hold_retries, args=(b, 3, held, release))
+        other.start()
+        try:
+            assert held.wait(30)
+            assert b._state.retries() == 3
+            with pytest.raises(ConnectionError):
+                b.invoke(None, retries=2)
+            assert totals(b) == (1, 1, 0)  # no retry was allowed
+        finally:
+            release.set()
+            other.join(30)
+        assert other.exitcode == 0
+        assert b._state.retries() == 0
+        # With the budget free again, the same call is retried.
         with pytest.raises(ConnectionError):
             b.invoke(None, retries=2)
-        assert sum(s.requests for s in b.snapshot()) == 1  # no retry was allowed
-        for _ in range(3):
-            b._state.return_retry()
+        assert totals(b) == (4, 4, 0)
         assert b._state.retries() == 0
 
 
 def test_retries_stop_at_the_deadline() -> None:
     addrs = [f"10.0.5.{i}:80" for i in range(1, 11)]
-    with Balancer(addrs, backend_factory=helpers.SlowFail, failure_threshold=100) as b:
+    with Balancer(
+        addrs, backend_factory=helpers.SlowFail, failure_threshold=100, monitor=False
+    ) as b:
         with pytest.raises(TimeoutError):
             b.invoke(None, timeout=0.12, retries=50)
         attempts = sum(s.requests for s in b.snapshot())

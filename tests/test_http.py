@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import http.server
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -39,17 +39,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def servers() -> Iterator[list[str]]:
-    started = []
-    for _ in range(2):
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        started.append(server)
-    yield [f"127.0.0.1:{s.server_port}" for s in started]
-    for server in started:
-        server.shutdown()
-        server.server_close()
+def servers(serve: Callable[..., Any]) -> list[str]:
+    return [serve(Handler).addr for _ in range(2)]
 
 
 def test_ok_answer_and_keep_alive(servers: list[str]) -> None:
@@ -95,7 +86,7 @@ def test_nothing_listening_and_timeouts_are_backend_errors(servers: list[str]) -
 
 def test_balancer_over_real_servers(servers: list[str]) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    with Balancer([*servers, dead], failure_threshold=2, ejection_seconds=30) as b:
+    with Balancer([*servers, dead], failure_threshold=2, ejection_seconds=30, monitor=False) as b:
         ports = []
         failures = 0
         for _ in range(12):

@@ -4,7 +4,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -12,26 +11,15 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from dispatcher import Balancer, DispatcherError, WorkerDied, WorkerPool
-from tests.helpers import Echo
+from tests.helpers import Echo, in_flight, totals, wait_for
 
 ADDRS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 
 
 @pytest.fixture
 def balancer() -> Iterator[Balancer]:
-    with Balancer(ADDRS, backend_factory=Echo) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
         yield balancer
-
-
-def in_flight(balancer: Balancer) -> int:
-    return sum(stats.in_flight for stats in balancer.snapshot())
-
-
-def wait_for(condition: object, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
@@ -43,8 +31,7 @@ def test_submit_map_and_context_manager(balancer: Balancer, method: str) -> None
         assert sorted(answers) == sorted(ADDRS * 3)
         assert 1 <= len(pool.pids()) <= 2
         assert os.getpid() not in pool.pids()
-    assert sum(stats.requests for stats in balancer.snapshot()) == 7
-    assert in_flight(balancer) == 0
+    assert totals(balancer) == (7, 0, 0)
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(None)
 
@@ -114,7 +101,7 @@ def test_retries_on_worker_death(balancer: Balancer) -> None:
             killed.append(pool.pids()[0])
             os.kill(killed[-1], signal.SIGKILL)
         done, _ = wait([twice], timeout=30)
-        assert done
+        assert done == {twice}
         with pytest.raises(WorkerDied, match="sent 2 times"):
             twice.result()
         wait_for(lambda: in_flight(balancer) == 0)
@@ -128,7 +115,10 @@ def test_rejects_unshared_balancer() -> None:
         WorkerPool(local, 1)
     with pytest.raises(TypeError):
         WorkerPool("not a balancer", 1)  # type: ignore[arg-type]
-    with Balancer(ADDRS, backend_factory=Echo) as balancer, pytest.raises(ValueError):
+    with (
+        Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer,
+        pytest.raises(ValueError),
+    ):
         WorkerPool(balancer, 0)
 
 

@@ -51,6 +51,7 @@ from dispatcher.errors import (
     NoBackendAvailable,
     UnknownBackend,
 )
+from tests.helpers import FakeClock
 
 NS = 1_000_000_000
 CAPACITY = 4
@@ -181,15 +182,16 @@ def comparable(b: Balancer) -> bytes:
 class BalancerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.now = 1_000 * NS
+        self.clock = FakeClock(1_000 * NS)
         self.balancer: Balancer | None = None
         self.log: list[str] = []
         self.model: dict[str, Model] = {}
         self.held: list[Held] = []
         self.epochs = 0
 
-    def clock(self) -> int:
-        return self.now
+    @property
+    def now(self) -> int:
+        return self.clock.now
 
     def teardown(self) -> None:
         for held in self.held:
@@ -240,7 +242,7 @@ class BalancerMachine(RuleBasedStateMachine):
             slow_start_seconds=slow_start,
             monitor=False,
         )
-        self.balancer._state.clock = self.clock
+        self.clock.use(self.balancer)
         for addr in addrs:
             self.epochs += 1
             self.model[parse_address(addr)] = Model(1, self.epochs)
@@ -416,7 +418,7 @@ class BalancerMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.001, 1.0, 5.0, 9.999, 10.0, 30.0, 400.0]))
     def advance(self, seconds: float) -> None:
-        self.now += round(seconds * NS)
+        self.clock.advance(seconds)
 
     @rule()
     def reap_finds_no_dead_worker(self) -> None:

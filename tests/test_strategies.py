@@ -33,7 +33,15 @@ from dispatcher._strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
-from tests.helpers import Echo, FailingOn, FakeClock, hold_one_call
+from tests.helpers import (
+    Echo,
+    FailingOn,
+    FakeClock,
+    hold_one_call,
+    in_flight,
+    in_flight_by_addr,
+    wait_for,
+)
 
 ADDRS = [f"10.0.1.{i}:80" for i in range(1, 9)]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
@@ -409,22 +417,15 @@ def test_consistent_hash_without_a_key_takes_the_less_loaded_of_two() -> None:
 # Through real balancers -------------------------------------------------------------------
 
 
-def in_flight(balancer: Balancer) -> dict[str, int]:
-    return {s.addr: s.in_flight for s in balancer.snapshot()}
-
-
 def wait_in_flight(balancer: Balancer, total: int) -> None:
-    deadline = time.monotonic() + 30
-    while sum(in_flight(balancer).values()) < total:
-        assert time.monotonic() < deadline, "calls did not start"
-        time.sleep(0.002)
+    wait_for(lambda: in_flight(balancer) >= total, what=f"{total} calls in flight")
 
 
 WEIGHTED = {"10.0.2.1:80": 1, "10.0.2.2:80": 1, "10.0.2.3:80": 1, "10.0.2.4:80": 3}
 
 
 def weighted_balancer(strategy: str) -> Balancer:
-    balancer = Balancer(backend_factory=Echo, strategy=strategy)
+    balancer = Balancer(backend_factory=Echo, strategy=strategy, monitor=False)
     for addr, weight in WEIGHTED.items():
         balancer.register(addr, weight)
     return balancer
@@ -456,23 +457,25 @@ def test_in_flight_spread(strategy: str, holders: str) -> None:
             for i, runner in enumerate(runners):
                 runner.start()
                 wait_in_flight(balancer, i + 1)
-            check_spread(strategy, in_flight(balancer))
+            check_spread(strategy, in_flight_by_addr(balancer))
         finally:
             gate.set()
             for runner in runners:
                 runner.join(30)
-        assert sum(in_flight(balancer).values()) == 0
+        assert in_flight(balancer) == 0
 
 
 def test_concurrent_threads_keep_in_flight_spread() -> None:
     """Picks racing from 8 threads, calls of random length: no backend runs far ahead."""
     peaks: list[int] = []
     stop = threading.Event()
-    with Balancer(ADDRS[:4], backend_factory=Echo, strategy="least_loaded") as balancer:
+    with Balancer(
+        ADDRS[:4], backend_factory=Echo, strategy="least_loaded", monitor=False
+    ) as balancer:
 
         def watch() -> None:
             while not stop.is_set():
-                loads = list(in_flight(balancer).values())
+                loads = list(in_flight_by_addr(balancer).values())
                 peaks.append(max(loads) - min(loads))
                 time.sleep(0.001)
 
@@ -489,7 +492,7 @@ def test_concurrent_threads_keep_in_flight_spread() -> None:
             t.join(60)
         stop.set()
         watcher.join(30)
-        assert sum(in_flight(balancer).values()) == 0
+        assert in_flight(balancer) == 0
     # 8 calls over 4 backends: a spread of 2 each; racing picks may add one or two more.
     assert peaks and max(peaks) <= 5, Counter(peaks)
 
@@ -500,7 +503,7 @@ def test_every_strategy_skips_ejected_backends(
 ) -> None:
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ADDRS[1])
     with Balancer(
-        ADDRS[:4], backend_factory=FailingOn, strategy=strategy, failure_threshold=1
+        ADDRS[:4], backend_factory=FailingOn, strategy=strategy, failure_threshold=1, monitor=False
     ) as balancer:
         answers = []
         for i in range(60):
@@ -522,7 +525,7 @@ def test_sticky_keys_are_the_same_in_a_spawned_child() -> None:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     strategy = ConsistentHash(balance_factor=1.25)
-    with Balancer(ADDRS, backend_factory=Echo, strategy=strategy) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, strategy=strategy, monitor=False) as balancer:
         mine = [balancer.invoke(None, key=f"session-{i}") for i in range(50)]
         assert len(set(mine)) >= 6
         child = ctx.Process(target=sticky_picks, args=(balancer, queue))
@@ -535,7 +538,9 @@ def test_sticky_keys_are_the_same_in_a_spawned_child() -> None:
 
 def test_keys_move_only_from_a_removed_backend() -> None:
     keys = [f"k{i}" for i in range(1600)]
-    with Balancer(ADDRS, backend_factory=Echo, strategy="consistent_hash") as balancer:
+    with Balancer(
+        ADDRS, backend_factory=Echo, strategy="consistent_hash", monitor=False
+    ) as balancer:
         before = [balancer.invoke(None, key=k) for k in keys]
         gone = ADDRS[5]
         balancer.unregister(gone)
@@ -560,7 +565,9 @@ class Sleepy:
 
 def test_peak_ewma_avoids_the_slow_backend() -> None:
     addrs = [f"10.0.3.1:{port}" for port in (81, 82, 83, 84)]
-    with Balancer(addrs, backend_factory=Sleepy, strategy=PeakEwma(seed=1)) as balancer:
+    with Balancer(
+        addrs, backend_factory=Sleepy, strategy=PeakEwma(seed=1), monitor=False
+    ) as balancer:
         counts = Counter(balancer.invoke(None) for _ in range(300))
     # Probed once when new, then it loses every pair: round-robin would give it 75.
     assert counts["10.0.3.1:84"] <= 3, counts
@@ -570,7 +577,11 @@ def test_peak_ewma_avoids_the_slow_backend() -> None:
 def test_peak_ewma_avoids_a_backend_that_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ADDRS[0])
     with Balancer(
-        ADDRS[:4], backend_factory=FailingOn, strategy="peak_ewma", failure_threshold=1000
+        ADDRS[:4],
+        backend_factory=FailingOn,
+        strategy="peak_ewma",
+        failure_threshold=1000,
+        monitor=False,
     ) as balancer:
         failed = 0
         for _ in range(300):
@@ -589,7 +600,9 @@ def test_slow_start_ramps_a_new_backend_up(strategy: str) -> None:
     new = "10.0.4.9:80"
     clock = FakeClock()
     with clock.use(
-        Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
+        Balancer(
+            ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10, monitor=False
+        )
     ) as balancer:
         clock.advance(60)
         balancer.register(new)
@@ -608,7 +621,13 @@ def test_round_robin_random_and_consistent_hash_ignore_slow_start() -> None:
     new = "10.0.4.9:80"
     for strategy in ("round_robin", "random", "consistent_hash"):
         with FakeClock().use(
-            Balancer(ADDRS[:3], backend_factory=Echo, strategy=strategy, slow_start_seconds=10)
+            Balancer(
+                ADDRS[:3],
+                backend_factory=Echo,
+                strategy=strategy,
+                slow_start_seconds=10,
+                monitor=False,
+            )
         ) as balancer:
             balancer.register(new)
             answers = Counter(balancer.invoke(None, key=i) for i in range(800))
@@ -632,7 +651,7 @@ def test_docs_custom_strategy_works_through_a_balancer() -> None:
     spillover = example["Spillover"](limit=2)
     assert isinstance(spillover, Strategy)
     gate = threading.Event()
-    with Balancer(ADDRS[:3], backend_factory=Echo, strategy=spillover) as balancer:
+    with Balancer(ADDRS[:3], backend_factory=Echo, strategy=spillover, monitor=False) as balancer:
         # Idle: everything goes to the first backend.
         assert {balancer.invoke(None) for _ in range(20)} == {ADDRS[0]}
         threads = [threading.Thread(target=balancer.invoke, args=(gate,)) for _ in range(5)]
@@ -641,7 +660,7 @@ def test_docs_custom_strategy_works_through_a_balancer() -> None:
                 thread.start()
                 wait_in_flight(balancer, i + 1)
             # Filled in order, `limit` each, then the least loaded.
-            assert in_flight(balancer) == {ADDRS[0]: 2, ADDRS[1]: 2, ADDRS[2]: 1}
+            assert in_flight_by_addr(balancer) == {ADDRS[0]: 2, ADDRS[1]: 2, ADDRS[2]: 1}
         finally:
             gate.set()
             for thread in threads:
