@@ -1,4 +1,4 @@
-"""One HTTP/1.1 keep-alive backend for `bench_http.py`, run as its own process.
+"""One HTTP/1.1 keep-alive backend for `bench_http.py` and `failure_modes.py`, as its own process.
 
 It sleeps for its service time instead of burning CPU, so eight of them and the load fit on a
 two-core machine without the backends being what saturates. ``--slots`` requests are served
@@ -8,6 +8,17 @@ after ``GET /_turn?at=NS`` (a CLOCK_MONOTONIC time in ns; 0 cancels) they are 10
 The body of every answer is the backend's ``--id``, so clients can count where requests went.
 The protocol is a bare ``asyncio.Protocol`` (on uvloop when installed): no framework per
 request, about 30-60 us of CPU per request here.
+
+Failure modes, for `failure_modes.py`: ``GET /_behave?mode=M&ms=T&status=S&from=NS&until=NS
+&count=N`` makes requests that arrive in ``[from, until)`` (CLOCK_MONOTONIC ns; 0 = no bound)
+behave as mode M, for at most N of them (0 = all), without taking a service slot:
+
+* ``fail``: answer ``S`` (503 by default) at once;
+* ``hold``: hold the request T ms, then answer 200 (a client with a shorter timeout gives up);
+* ``slow``: answer 200 after T ms;
+* ``normal``: the usual service time (cancels any mode).
+
+``--seed`` fixes the service-time draws.
 
     python scripts/_bench_http_backend.py --port 8001 --id 0 --mean-ms 4
 """
@@ -19,8 +30,34 @@ import asyncio
 import random
 import time
 from collections import deque
+from urllib.parse import parse_qs
 
 TURN_FACTOR = 10
+REASONS = {200: b"OK", 500: b"Internal Server Error", 503: b"Service Unavailable"}
+
+
+class Behaviour:
+    """A failure mode and the window of arrivals it applies to (see the module docstring)."""
+
+    def __init__(self, query: bytes = b"") -> None:
+        args = {k: v[-1] for k, v in parse_qs(query.decode()).items()}
+        self.mode = args.get("mode", "normal")
+        if self.mode not in ("normal", "fail", "hold", "slow"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+        self.seconds = float(args.get("ms", 0)) / 1e3
+        self.status = int(args.get("status", 503))
+        self.start = int(args.get("from", 0))
+        self.until = int(args.get("until", 0))
+        self.left = int(args.get("count", 0)) or -1
+
+    def applies(self, now: int) -> bool:
+        if self.mode == "normal" or self.left == 0 or now < self.start:
+            return False
+        if self.until and now >= self.until:
+            return False
+        if self.left > 0:
+            self.left -= 1
+        return True
 
 
 class Backend:
@@ -29,17 +66,30 @@ class Backend:
         self.mean_s = mean_ms / 1e3
         self.slots = asyncio.Semaphore(slots)
         self.turn_at = 0
+        self.behaviour = Behaviour()
 
-    async def handle(self, path: bytes) -> bytes:
+    async def handle(self, path: bytes) -> tuple[int, bytes]:
         if path.startswith(b"/_turn"):
             self.turn_at = int(path.partition(b"at=")[2] or 0)
-            return b"ok"
+            return 200, b"ok"
+        if path.startswith(b"/_behave"):
+            try:
+                self.behaviour = Behaviour(path.partition(b"?")[2])
+            except ValueError as exc:
+                return 500, str(exc).encode()
+            return 200, b"ok"
+        behaviour = self.behaviour
+        if behaviour.applies(time.monotonic_ns()):
+            if behaviour.mode == "fail":
+                return behaviour.status, self.ident
+            await asyncio.sleep(behaviour.seconds)
+            return 200, self.ident
         async with self.slots:
             mean = self.mean_s
             if self.turn_at and time.monotonic_ns() >= self.turn_at:
                 mean *= TURN_FACTOR
             await asyncio.sleep(random.expovariate(1.0 / mean) if mean else 0)
-        return self.ident
+        return 200, self.ident
 
 
 class Connection(asyncio.Protocol):
@@ -80,12 +130,12 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         while self.pending:
-            body = await self.backend.handle(self.pending.popleft())
+            status, body = await self.backend.handle(self.pending.popleft())
             if transport.is_closing():
                 return
             transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (status, REASONS.get(status, b"Status"), len(body), body)
             )
         self.busy = False
 
@@ -105,7 +155,9 @@ def main() -> None:
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--mean-ms", type=float, required=True)
     parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--seed", type=int, help="seed of the service-time draws")
     args = parser.parse_args()
+    random.seed(args.seed)
     try:
         import uvloop
 
