@@ -28,6 +28,7 @@ from ._call import Attempts, off_loop
 from ._checks import MAX_WEIGHT, check_int, check_seconds
 from ._health import HealthCheck
 from ._layout import H_CURSOR, H_VERSION
+from ._orca import WEIGHT_PERIOD_NS
 from ._policy import EjectionPolicy
 from ._segment import Segment
 from ._state import (
@@ -150,6 +151,7 @@ class Balancer:
         self._spec = spec
         self._strategy = strategy
         self._uses_cursor = bool(strategy.uses_cursor)
+        self._uses_reports = bool(getattr(strategy, "uses_load_reports", False))
         self._factory = backend_factory
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, segment, owner, monitor)
@@ -256,7 +258,10 @@ class Balancer:
             if tried is not None:
                 tried.add(call[SLOT])
             response = call[PROXY].invoke(request, timeout=timeout)
-            state.finish(call, SUCCESS)
+            if self._uses_reports:
+                state.finish(call, SUCCESS, True, getattr(response, "load_report", None))
+            else:
+                state.finish(call, SUCCESS)
             return response
         except Exception:
             if call[GENERATION] >= 0:
@@ -292,7 +297,8 @@ class Balancer:
                 )
             outcome = FAILURE
             response = await ainvoke(request, timeout=timeout)
-            await off_loop(state.finish, call, SUCCESS)
+            report = getattr(response, "load_report", None) if self._uses_reports else None
+            await off_loop(_finish_with, state, call, report)
             return response
         except Exception:
             if call[GENERATION] >= 0:
@@ -426,7 +432,12 @@ class Balancer:
     def _refresh(self, now: int, blocking: bool = True) -> Membership:
         if self._closed:
             raise SegmentError("this balancer is closed")
-        membership = self._state.membership(now, blocking)
+        state = self._state
+        if self._uses_reports:
+            state.weigh_reports(now, blocking)
+        membership = state.membership(
+            now, blocking, WEIGHT_PERIOD_NS if self._uses_reports else None
+        )
         self._membership = membership
         if blocking:
             _monitor.check(self._segment, now)
@@ -626,6 +637,10 @@ def key_hash_of(key: object) -> int:
     else:
         raise TypeError(f"key must be str, bytes or int, not {type(key).__name__}")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _finish_with(state: SharedState, call: list[Any], report: Any, blocking: bool = True) -> None:
+    state.finish(call, SUCCESS, blocking, report)
 
 
 def _give_back(state: SharedState) -> Callable[[bool], None]:

@@ -71,6 +71,8 @@ H_MONITOR_PID = 35
 H_MONITOR_START = 36
 H_MONITOR_BEAT_NS = 37
 """When the monitor last went round its loop: a stale beat from a dead pid means restart it."""
+H_WEIGHTS_NS = 63
+"""When the weights from backends' reports were last computed (by one process for the host)."""
 H_SPEC = 64
 """Start of the monitor's spec: its health check, pickled, length-prefixed (SPEC_BYTES)."""
 SPEC_BYTES = (HEADER_WORDS - H_SPEC) * WORD
@@ -93,7 +95,27 @@ ROTATION_NS = 12
 """When the slot last entered rotation: registered, or back up after health checks."""
 DOWN = 13
 """Nonzero while active health checks hold the slot out of rotation."""
-SLOT_FIELDS = 14
+FAIL_SCORE = 14
+"""Recent failures, a double that decays with time (`_latency.failure_score`): strategies count
+its whole part as calls in flight, so a backend that fails fast does not look idle."""
+FAIL_STAMP_NS = 15
+REPORT_LOAD = 16
+"""The utilization the backend last reported of itself (ORCA), a double; 0.0: none."""
+REPORT_RPS = 17
+"""Requests per second it last reported serving (from every client), a double."""
+REPORT_EPS = 18
+"""Errors per second it last reported, a double."""
+REPORT_NS = 19
+"""When its last report arrived."""
+REPORT_SINCE_NS = 20
+"""When its current run of reports began (a backend's first reports are not trusted yet)."""
+REPORTED_WEIGHT = 21
+"""The weight computed from the reports, once per host (a double; 0.0: not known)."""
+REQUESTS_MARK = 22
+FAILURES_MARK = 23
+"""Requests and failures when the reported weights were last computed: the rates of the
+calls this host made, for backends that report no rates of their own."""
+SLOT_FIELDS = 24
 
 FREE = 0
 LIVE = 1

@@ -25,9 +25,16 @@ from time import monotonic_ns
 from typing import Any, TypeVar
 
 from . import _layout as L
-from ._latency import peak_ewma, sample_ns
+from ._latency import (
+    failed_once_more,
+    failure_score,
+    peak_ewma,
+    penalty_drops_at,
+    sample_ns,
+)
 from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
+from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, weights_from
 from ._policy import WARMTH_STEPS, EjectionPolicy
 from ._view import BackendStats, Membership, View
 from ._workers import is_alive
@@ -48,6 +55,8 @@ UNCOUNTED = -1
 """`call[GENERATION]` before `commit` counted the call."""
 ENDED = -2
 """`call[GENERATION]` once `finish` recorded its end (or found nothing to record)."""
+WEIGHT_CHANGE = 0.05
+"""Reported weights that move less than this (relative) leave every process's view as it is."""
 VIEW_MAX_AGE_NS = 1_000_000_000
 """With a monitor, a view is rebuilt at least this often, so that every process that picks
 looks at the monitor's heartbeat (`_monitor.check`)."""
@@ -97,12 +106,15 @@ class SharedState:
         self._stamp = layout.field(L.EWMA_STAMP_NS)
         self._rotation = layout.field(L.ROTATION_NS)
         self._down = layout.field(L.DOWN)
+        self._fail_score = layout.field(L.FAIL_SCORE)
+        """FAIL_STAMP_NS follows it: ``_fail_score + capacity`` is the same slot's stamp."""
         self._hist = layout.histogram
         self._zero_hist = bytes(L.BUCKETS * L.WORD)
         self._zero_rows = memoryview(bytes(layout.max_workers * L.WORD)).cast("q")
         self._zero_counts = memoryview(bytes(c * L.WORD)).cast("q")
         self.in_flight = self._slice(self._words, self._inflight)
         self.latency = self._slice(self._floats, self._ewma)
+        self.latency_stamps = self._slice(self._words, self._stamp)
         self.lock = SharedLock(
             semaphore,
             self._slice(self._words, H_LOCK_PID, 1),
@@ -244,8 +256,15 @@ class SharedState:
         self._release()
         return counted
 
-    def finish(self, call: list[Any], outcome: int, blocking: bool = True) -> None:
-        """Record the end of a call counted by `commit`: in-flight down, outcome, latency.
+    def finish(
+        self,
+        call: list[Any],
+        outcome: int,
+        blocking: bool = True,
+        report: LoadReport | None = None,
+    ) -> None:
+        """Record the end of a call counted by `commit`: in-flight down, outcome, latency, and
+        the load the backend reported with its answer, if any.
 
         Once: ``call[GENERATION]`` becomes ENDED in the same hold, and a call already ended
         (or never counted) is left alone. A call whose slot was unregistered meanwhile leaves
@@ -267,6 +286,10 @@ class SharedState:
         bucket = self._hist + slot * BUCKETS + bucket_of(latency)
         sample = sample_ns(latency, outcome == FAILURE)
         ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
+        if outcome == FAILURE:
+            score_at = self._fail_score + slot
+            old = failure_score(self._floats[score_at], words[score_at + self._c], now)
+            score = failed_once_more(self._floats[score_at], words[score_at + self._c], now)
         got = False
         box: list[bool] | None = None
         try:
@@ -287,9 +310,15 @@ class SharedState:
                     words[bucket] += 1
                     self._floats[self._ewma + slot] = ewma
                     words[self._stamp + slot] = now
+                    if report is not None:
+                        self._record_report(slot, report, now)
                     if outcome == SUCCESS:
                         words[self._consecutive + slot] = 0
                     else:
+                        self._floats[score_at] = score
+                        words[score_at + self._c] = now
+                        if int(score) > int(old):
+                            words[H_VERSION] += 1  # the backend looks busier to every pick
                         self._record_failure(slot, now)
             else:
                 call[GENERATION] = ENDED
@@ -326,6 +355,17 @@ class SharedState:
                 unfinished.remove(entry)
             except ValueError:  # another thread got there first
                 pass
+
+    def _record_report(self, slot: int, report: LoadReport, now: int) -> None:
+        """Lock held. Keep the load `slot` reported of itself with its answer."""
+        words, floats = self._words, self._floats
+        at = self.layout.field(L.REPORT_NS) + slot
+        if not words[at] or now - words[at] >= REPORT_EXPIRY_NS:
+            words[self.layout.field(L.REPORT_SINCE_NS) + slot] = now
+        floats[self.layout.field(L.REPORT_LOAD) + slot] = report.load
+        floats[self.layout.field(L.REPORT_RPS) + slot] = report.rps_fractional
+        floats[self.layout.field(L.REPORT_EPS) + slot] = report.eps
+        words[at] = now
 
     def _record_failure(self, slot: int, now: int) -> None:
         """Lock held. Count a failure and eject the slot if the policy says so."""
@@ -378,17 +418,27 @@ class SharedState:
             source_addresses.release()
         return version, memoryview(fields).cast("q"), addresses
 
-    def membership(self, now: int, blocking: bool = True) -> Membership:
-        """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
+    def membership(
+        self, now: int, blocking: bool = True, max_age_ns: int | None = None
+    ) -> Membership:
+        """A consistent copy of who is eligible, taken under the lock and parsed outside it.
+
+        `max_age_ns`: rebuild the view at least this often (a strategy fed by reports).
+        """
         c = self._c
         version, f, addresses = self._copy_slots(blocking)
         if version == L.CLOSED:
             raise SegmentError("the balancer was closed by its owner")
 
+        floats = f.cast("b").cast("d")
+
         def column(field: int) -> Sequence[int]:
             return f[(field * c) : (field + 1) * c]
 
         state, weight, down = column(L.STATE), column(L.WEIGHT), column(L.DOWN)
+        scores = floats[L.FAIL_SCORE * c : (L.FAIL_SCORE + 1) * c]
+        score_stamps = column(L.FAIL_STAMP_NS)
+        penalties = [0] * c
         until, rotation_ns = column(L.EJECTED_UNTIL_NS), column(L.ROTATION_NS)
         policy = self.policy
         step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
@@ -398,6 +448,8 @@ class SharedState:
         rotation: list[int] = []
         eligible: list[int] = []
         expires = now + VIEW_MAX_AGE_NS if self._words[L.H_MONITOR] else 1 << 62
+        if max_age_ns is not None:
+            expires = min(expires, now + max_age_ns)
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue
@@ -414,8 +466,14 @@ class SharedState:
                 if age < policy.slow_start_ns:
                     weights[slot] *= policy.warmth(age)
                     expires = min(expires, now + step)
+            if scores[slot] > 0.0:
+                score = failure_score(scores[slot], score_stamps[slot], now)
+                penalty = penalties[slot] = int(score)
+                if penalty:
+                    expires = min(expires, penalty_drops_at(score, now, penalty))
         panic = policy.panics(len(rotation), len(eligible))
         slots = rotation if panic else eligible
+        reported = floats[L.REPORTED_WEIGHT * c : (L.REPORTED_WEIGHT + 1) * c]
         view = View(
             version=version,
             slots=tuple(slots),
@@ -424,6 +482,12 @@ class SharedState:
             latency=self.latency,
             expires_ns=expires,
             panic=panic,
+            penalties=tuple(penalties) if any(penalties) else (),
+            penalized=any(penalties),
+            stamps=self.latency_stamps,
+            clock=self.clock,
+            members=tuple(rotation),
+            reported=tuple(reported) if any(reported) else (),
         )
         picked = set(slots)
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
@@ -536,6 +600,74 @@ class SharedState:
             if buf[offset : offset + size] == record:
                 return slot
         return -1
+
+    # Weights from the backends' own reports ---------------------------------------------
+
+    def weigh_reports(self, now: int, blocking: bool = True) -> bool:
+        """If a period went by, compute the weights from the backends' load reports for every
+        process of the host (one of them does it: the first to claim the period), with the
+        rates this host saw for backends that report none. Whether this process did."""
+        words, c = self._words, self._c
+        since = [0]
+
+        def claim() -> bool:
+            since[0] = int(words[L.H_WEIGHTS_NS])
+            if now - since[0] < WEIGHT_PERIOD_NS:
+                return False
+            words[L.H_WEIGHTS_NS] = now
+            return True
+
+        if not self._locked(claim, blocking):
+            return False
+        _, f, _ = self._copy_slots(blocking)
+        floats = f.cast("b").cast("d")
+
+        def column(field: int, data: Sequence[Any] = f) -> Sequence[Any]:
+            return data[field * c : (field + 1) * c]
+
+        requests, failures = column(L.REQUESTS), column(L.FAILURES)
+        marks, failure_marks = column(L.REQUESTS_MARK), column(L.FAILURES_MARK)
+        seconds = (now - since[0]) / 1e9 if since[0] else 0.0
+        reports = [
+            Reported(
+                load=load,
+                rps=rps,
+                eps=eps,
+                since_ns=report_since,
+                last_ns=last,
+                host_rps=(requests[slot] - marks[slot]) / seconds if seconds else 0.0,
+                host_eps=(failures[slot] - failure_marks[slot]) / seconds if seconds else 0.0,
+            )
+            for slot, (load, rps, eps, report_since, last) in enumerate(
+                zip(
+                    column(L.REPORT_LOAD, floats),
+                    column(L.REPORT_RPS, floats),
+                    column(L.REPORT_EPS, floats),
+                    column(L.REPORT_SINCE_NS),
+                    column(L.REPORT_NS),
+                    strict=True,
+                )
+            )
+        ]
+        weights = weights_from(reports, now)
+        new = array("d", weights)
+        new_marks, new_failure_marks = array("q", requests), array("q", failures)
+        lay = self.layout
+
+        def update() -> None:
+            old = self._floats[lay.field(L.REPORTED_WEIGHT) : lay.field(L.REPORTED_WEIGHT) + c]
+            changed = any(
+                abs(a - b) > WEIGHT_CHANGE * max(a, b) for a, b in zip(old, new, strict=True)
+            )
+            old[:] = new
+            old.release()
+            words[lay.field(L.REQUESTS_MARK) : lay.field(L.REQUESTS_MARK) + c] = new_marks
+            words[lay.field(L.FAILURES_MARK) : lay.field(L.FAILURES_MARK) + c] = new_failure_marks
+            if changed:
+                words[H_VERSION] += 1
+
+        self._locked(update, blocking)
+        return True
 
     # Retry budget and health -----------------------------------------------------------
 

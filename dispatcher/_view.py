@@ -6,8 +6,9 @@ snapshot. Neither needs a segment: tests of strategies build views from plain li
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from time import monotonic_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +26,24 @@ class View:
     """Weight of each slot, scaled down while it warms up after entering rotation."""
     in_flight: Sequence[int]
     latency: Sequence[float]
-    """Peak-EWMA latency in nanoseconds; 0.0 before a slot's first answer."""
+    """Peak-EWMA latency in nanoseconds as last stored; 0.0 before a slot's first answer.
+    Read it through `_latency.decayed` with `stamps` and `clock`: it decays with time."""
     expires_ns: int = 1 << 62
-    """When an ejection ends or a warm-up advances: the view must be rebuilt by then."""
+    """When an ejection ends, a warm-up advances or a penalty drops: rebuild the view by then."""
     panic: bool = False
     """Too few backends were eligible: `slots` holds every registered one instead."""
+    penalties: Sequence[int] = ()
+    """Recent failures of each slot, counted as calls in flight (`_latency` explains); empty
+    when no slot has any (`penalized` is False)."""
+    penalized: bool = False
+    stamps: Sequence[int] = ()
+    """When each slot's latency was last sampled (ns, `clock`'s time)."""
+    clock: Callable[[], int] = monotonic_ns
+    members: tuple[int, ...] = ()
+    """Every slot in rotation, eligible or not (ejected, down): what a consistent-hash ring is
+    built from, so that ejections only mask its points. Empty: the same as `slots`."""
+    reported: Sequence[float] = ()
+    """Weights computed from the backends' own load reports (0.0: none known yet)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,7 @@ def test_registry_names_and_protocol() -> None:
         "power_of_two",
         "consistent_hash",
         "peak_ewma",
+        "client_side_weighted_round_robin",
     }
     for name, factory in STRATEGIES.items():
         strategy = make_strategy(name)
