@@ -12,6 +12,7 @@ from ._health import HealthCheck
 from ._pool import WorkerPool
 from ._strategies import (
     STRATEGIES,
+    ClientSideWeightedRoundRobin,
     ConsistentHash,
     LeastLoaded,
     PeakEwma,
@@ -53,6 +54,7 @@ __all__ = [
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
+    "ClientSideWeightedRoundRobin",
     "ConsistentHash",
     "Discovery",
     "DispatcherError",

@@ -434,7 +434,7 @@ class Balancer:
             raise SegmentError("this balancer is closed")
         state = self._state
         if self._uses_reports:
-            state.weigh_reports(now, blocking)
+            state.weigh_reports(self._strategy.weighing, now, blocking)  # type: ignore[attr-defined]
         membership = state.membership(
             now, blocking, WEIGHT_PERIOD_NS if self._uses_reports else None
         )

@@ -4,9 +4,12 @@
 backend that turns slow is seen as slow on its first slow answer; below the average it pulls
 the average down with a time constant (`DECAY_NS`). Unlike the plain EWMA it decays when it is
 *read* too, towards zero, so a backend that was slow once is not remembered as slow forever
-for want of new answers; and an average with no sample for `STALE_NS` is not trusted at all:
-the backend counts as unmeasured, is tried again (once for the whole pool: the first try
-is in flight for everyone to see), and its next answer starts a new average.
+for want of new answers; and an answer's average with no sample for `STALE_NS` is not
+trusted at all: the backend counts as unmeasured, is tried again (once for the whole pool:
+the first try is in flight for everyone to see), and its next answer starts a new average.
+A failure's average (`FAILURE_PENALTY_NS` or more) is not forgotten that way: a backend that
+failed or timed out is tried again once its decayed cost falls below its peers' (from 5 s to
+5 ms peers, about 70 s), unless health checks bring it back first.
 
 **Failures cost more than answers.** A failed call is scored as at least `FAILURE_PENALTY_NS`
 and at least twice its own time, so a timeout costs more than any answer within it, and a
@@ -39,9 +42,10 @@ FAILURE_SCORE_CAP = 16.0
 
 
 def decayed(average: float, stamp_ns: int, now_ns: int) -> float:
-    """The average as read at `now_ns`: decayed towards 0, and 0.0 (unmeasured) once stale."""
+    """The average as read at `now_ns`: decayed towards 0, and 0.0 (unmeasured) once an
+    answer's average is stale."""
     age = now_ns - stamp_ns
-    if average <= 0.0 or age >= STALE_NS:
+    if average <= 0.0 or (age >= STALE_NS and average < FAILURE_PENALTY_NS):
         return 0.0
     return average * math.exp(-max(age, 0) / DECAY_NS)
 

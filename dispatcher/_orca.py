@@ -146,24 +146,35 @@ class Reported:
     host_eps: float = 0.0
 
 
-def weight_from(report: Reported, now_ns: int) -> float:
-    """A58's weight, ``qps / (utilization + eps / qps * penalty)``; 0.0 when not known (no
-    recent report, still in its blackout, or no rate and no load to weigh)."""
-    if not report.last_ns or now_ns - report.last_ns >= REPORT_EXPIRY_NS:
-        return 0.0
-    if now_ns - report.since_ns < BLACKOUT_NS:
-        return 0.0
-    rps = report.rps or report.host_rps
-    eps = report.eps if report.rps else report.host_eps
-    if rps <= 0.0 or report.load <= 0.0:
-        return 0.0
-    return rps / (report.load + eps / rps * ERROR_PENALTY)
+@dataclass(frozen=True)
+class Weighing:
+    """How reports become weights: gRPC's weighted round robin's settings (gRFC A58)."""
+
+    blackout_ns: int = BLACKOUT_NS
+    expiry_ns: int = REPORT_EXPIRY_NS
+    error_penalty: float = ERROR_PENALTY
+
+    def weight(self, report: Reported, now_ns: int) -> float:
+        """``qps / (utilization + eps / qps * penalty)``; 0.0 when not known (no recent
+        report, still in its blackout, or no rate and no load to weigh)."""
+        if not report.last_ns or now_ns - report.last_ns >= self.expiry_ns:
+            return 0.0
+        if now_ns - report.since_ns < self.blackout_ns:
+            return 0.0
+        rps = report.rps or report.host_rps
+        eps = report.eps if report.rps else report.host_eps
+        if rps <= 0.0 or report.load <= 0.0:
+            return 0.0
+        return rps / (report.load + eps / rps * self.error_penalty)
+
+    def weights(self, reports: list[Reported], now_ns: int) -> list[float]:
+        """Every backend's weight: see `weights_from`."""
+        return weights_from([self.weight(report, now_ns) for report in reports])
 
 
-def weights_from(reports: list[Reported], now_ns: int) -> list[float]:
-    """Every backend's weight: known ones within [MIN_RATIO, MAX_RATIO] x their mean, unknown
-    ones at the mean; all 0.0 (use the configured weights) while fewer than two are known."""
-    weights = [weight_from(report, now_ns) for report in reports]
+def weights_from(weights: list[float]) -> list[float]:
+    """Known weights within [MIN_RATIO, MAX_RATIO] x their mean, unknown ones (0.0) at the
+    mean; all 0.0 (use the configured weights) while fewer than two are known."""
     known = [w for w in weights if w > 0.0]
     if len(known) < 2:
         return [0.0] * len(weights)

@@ -34,7 +34,7 @@ from ._latency import (
 )
 from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
-from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, weights_from
+from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, Weighing
 from ._policy import WARMTH_STEPS, EjectionPolicy
 from ._view import BackendStats, Membership, View
 from ._workers import is_alive
@@ -603,7 +603,7 @@ class SharedState:
 
     # Weights from the backends' own reports ---------------------------------------------
 
-    def weigh_reports(self, now: int, blocking: bool = True) -> bool:
+    def weigh_reports(self, weighing: Weighing, now: int, blocking: bool = True) -> bool:
         """If a period went by, compute the weights from the backends' load reports for every
         process of the host (one of them does it: the first to claim the period), with the
         rates this host saw for backends that report none. Whether this process did."""
@@ -649,7 +649,7 @@ class SharedState:
                 )
             )
         ]
-        weights = weights_from(reports, now)
+        weights = weighing.weights(reports, now)
         new = array("d", weights)
         new_marks, new_failure_marks = array("q", requests), array("q", failures)
         lay = self.layout

@@ -32,7 +32,9 @@ from itertools import accumulate, chain
 from operator import add, itemgetter
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+from ._checks import check_seconds
 from ._latency import FAILURE_PENALTY_NS, decayed
+from ._orca import BLACKOUT_NS, ERROR_PENALTY, REPORT_EXPIRY_NS, Weighing
 from ._view import View
 
 T = TypeVar("T")
@@ -688,16 +690,40 @@ class ClientSideWeightedRoundRobin:
     uses_cursor = True
     uses_load_reports = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        blackout_seconds: float = BLACKOUT_NS / 1e9,
+        expiry_seconds: float = REPORT_EXPIRY_NS / 1e9,
+        error_penalty: float = ERROR_PENALTY,
+    ) -> None:
+        if blackout_seconds:
+            check_seconds("blackout_seconds", blackout_seconds)
+        check_seconds("expiry_seconds", expiry_seconds)
+        if not (isinstance(error_penalty, int | float) and 0.0 <= error_penalty < math.inf):
+            raise ValueError(f"error_penalty must be a number >= 0, not {error_penalty!r}")
+        self.weighing = Weighing(
+            round(blackout_seconds * 1e9), round(expiry_seconds * 1e9), float(error_penalty)
+        )
         self._schedule = _PerView(_reported_schedule)
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         schedule = self._schedule.get(view)
         return schedule[cursor % len(schedule)]
 
-    def __reduce__(self) -> tuple[type[Any], tuple[()]]:
-        """Pickled as its class alone: the receiving process builds its own caches."""
-        return (type(self), ())
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """Pickled as its settings: the receiving process builds its own caches."""
+        w = self.weighing
+        settings = (w.blackout_ns / 1e9, w.expiry_ns / 1e9, w.error_penalty)
+        return (_client_side_weighted_round_robin, settings)
+
+
+def _client_side_weighted_round_robin(
+    blackout: float, expiry: float, penalty: float
+) -> ClientSideWeightedRoundRobin:
+    return ClientSideWeightedRoundRobin(
+        blackout_seconds=blackout, expiry_seconds=expiry, error_penalty=penalty
+    )
 
 
 def _reported_schedule(view: View) -> tuple[int, ...]:
