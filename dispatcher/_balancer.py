@@ -90,6 +90,7 @@ class Balancer:
         slow_start_seconds: float = 0.0,
         panic_percent: int = 50,
         health_check: HealthCheck | None = None,
+        latency: bool | None = None,
         monitor: bool = True,
         shared: bool = True,
     ) -> None:
@@ -124,6 +125,9 @@ class Balancer:
         layout = L.Layout(capacity, max_workers)
         name = strategy if isinstance(strategy, str) else ""
         segment = Segment.create(layout, policy, parsed, strategy_name=name, shared=shared)
+        if latency is None:
+            latency = bool(getattr(chosen, "uses_latency", False))
+        segment.state.record_latency(bool(latency))
         try:
             watcher = None
             if shared and monitor:

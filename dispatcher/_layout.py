@@ -71,6 +71,8 @@ H_MONITOR_PID = 35
 H_MONITOR_START = 36
 H_MONITOR_BEAT_NS = 37
 """When the monitor last went round its loop: a stale beat from a dead pid means restart it."""
+H_LATENCY = 62
+"""Nonzero while every process records each call's latency (histogram and peak EWMA)."""
 H_WEIGHTS_NS = 63
 """When the weights from backends' reports were last computed (by one process for the host)."""
 H_SPEC = 64

@@ -117,8 +117,7 @@ class Segment:
             L.write_name(state.buffer, L.H_LOCK_NAME, lock_name)
             L.write_name(state.buffer, L.H_STRATEGY_NAME, strategy_name)
             state.store_policy(policy)
-            for addr in addrs:
-                state.register(addr, 1, warm_up=False)
+            state.populate(list(addrs))
         except BaseException:
             state.release_views()
             if shm is not None:

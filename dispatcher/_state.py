@@ -32,7 +32,7 @@ from ._latency import (
     penalty_drops_at,
     sample_ns,
 )
-from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
+from ._layout import BUCKETS, H_CURSOR, H_LATENCY, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
 from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, Weighing
 from ._policy import WARMTH_STEPS, EjectionPolicy
@@ -57,9 +57,50 @@ ENDED = -2
 """`call[GENERATION]` once `finish` recorded its end (or found nothing to record)."""
 WEIGHT_CHANGE = 0.05
 """Reported weights that move less than this (relative) leave every process's view as it is."""
+ALL_FIELDS = tuple(range(L.SLOT_FIELDS))
+MEMBERSHIP_FIELDS = (
+    L.STATE,
+    L.GENERATION,
+    L.WEIGHT,
+    L.EJECTED_UNTIL_NS,
+    L.ROTATION_NS,
+    L.DOWN,
+    L.FAIL_SCORE,
+    L.FAIL_STAMP_NS,
+    L.REPORTED_WEIGHT,
+)
+"""What a view is built from: the fields a rebuild copies under the lock."""
+REPORT_FIELDS = (
+    L.REQUESTS,
+    L.FAILURES,
+    L.REPORT_LOAD,
+    L.REPORT_RPS,
+    L.REPORT_EPS,
+    L.REPORT_NS,
+    L.REPORT_SINCE_NS,
+    L.REQUESTS_MARK,
+    L.FAILURES_MARK,
+)
+LOOKUP_TRIES = 3
+"""Lookups before the lock that a moving membership version may void, before one under it."""
+_MOVED = object()
+"""What an update under the lock answers when the version moved since its lookup."""
 VIEW_MAX_AGE_NS = 1_000_000_000
 """With a monitor, a view is rebuilt at least this often, so that every process that picks
 looks at the monitor's heartbeat (`_monitor.check`)."""
+
+
+class _End:
+    """What recording a call's end writes besides the counts, worked out outside the lock."""
+
+    __slots__ = ("bucket", "ewma", "now", "score", "score_was")
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+        self.bucket = -1
+        """The histogram word to count the call in; -1: latency is not recorded."""
+        self.ewma = 0.0
+        self.score = self.score_was = 0.0
 
 
 class SharedState:
@@ -84,6 +125,7 @@ class SharedState:
         self.own_row = -1
         """Word index of slot 0 of this process's worker row; -1 until it claims one."""
         self.unfinished: list[tuple[list[Any], int]] = []
+        self._address_cache: dict[int, tuple[int, str]] = {}
         """Ends of calls that an interrupt kept from being recorded; `settle` records them."""
         self.closed = False
         self._buf = memoryview(buffer)[: layout.size]
@@ -263,8 +305,9 @@ class SharedState:
         blocking: bool = True,
         report: LoadReport | None = None,
     ) -> None:
-        """Record the end of a call counted by `commit`: in-flight down, outcome, latency, and
-        the load the backend reported with its answer, if any.
+        """Record the end of a call counted by `commit`: in-flight down, outcome, and latency
+        (when the segment records it: `H_LATENCY`), and the load the backend reported with its
+        answer, if any.
 
         Once: ``call[GENERATION]`` becomes ENDED in the same hold, and a call already ended
         (or never counted) is left alone. A call whose slot was unregistered meanwhile leaves
@@ -274,24 +317,18 @@ class SharedState:
         slot, generation, _, start = call
         if generation < 0:
             return
-        now = self.clock()
         words = self._words
         try:
-            average = self._floats[self._ewma + slot]
-            stamp = words[self._stamp + slot]
+            timed = words[H_LATENCY]
         except ValueError:
             call[GENERATION] = ENDED  # closed in this process: nothing left to record
             return
-        latency = now - start
-        bucket = self._hist + slot * BUCKETS + bucket_of(latency)
-        sample = sample_ns(latency, outcome == FAILURE)
-        ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
-        if outcome == FAILURE:
-            score_at = self._fail_score + slot
-            old = failure_score(self._floats[score_at], words[score_at + self._c], now)
-            score = failed_once_more(self._floats[score_at], words[score_at + self._c], now)
+        plain = outcome == SUCCESS and not timed and report is None
+        if not plain:
+            end = self._end(slot, outcome, start, timed)
         got = False
         box: list[bool] | None = None
+        # `lock.run`, written out: this and `commit` are the two holds of every call.
         try:
             got = self._take[False]
             if not got:
@@ -305,21 +342,11 @@ class SharedState:
                 call[GENERATION] = ENDED
                 if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
                     self._free(slot)  # the backend is gone: its last outcome goes with it
-                elif outcome != CANCELLED:
+                elif plain:
                     words[self._requests + slot] += 1
-                    words[bucket] += 1
-                    self._floats[self._ewma + slot] = ewma
-                    words[self._stamp + slot] = now
-                    if report is not None:
-                        self._record_report(slot, report, now)
-                    if outcome == SUCCESS:
-                        words[self._consecutive + slot] = 0
-                    else:
-                        self._floats[score_at] = score
-                        words[score_at + self._c] = now
-                        if int(score) > int(old):
-                            words[H_VERSION] += 1  # the backend looks busier to every pick
-                        self._record_failure(slot, now)
+                    words[self._consecutive + slot] = 0
+                elif outcome != CANCELLED:
+                    self._record_end(slot, outcome, end, report)
             else:
                 call[GENERATION] = ENDED
         except BaseException as exc:
@@ -335,6 +362,48 @@ class SharedState:
             raise
         words[H_LOCK_PID] = 0
         self._release()
+
+    def _end(self, slot: int, outcome: int, start: int, timed: int) -> _End:
+        """What recording an end writes, worked out before the lock is taken."""
+        now = self.clock()
+        end = _End(now)
+        if timed:
+            latency = now - start
+            end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
+            average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
+            sample = sample_ns(latency, outcome == FAILURE)
+            end.ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
+        if outcome == FAILURE:
+            at = self._fail_score + slot
+            score, stamp = self._floats[at], self._words[at + self._c]
+            end.score_was = failure_score(score, stamp, now)
+            end.score = failed_once_more(score, stamp, now)
+        return end
+
+    def _record_end(self, slot: int, outcome: int, end: _End, report: LoadReport | None) -> None:
+        """Lock held. Count an answer or a failure, with what `_end` worked out."""
+        words, now = self._words, end.now
+        words[self._requests + slot] += 1
+        if end.bucket >= 0:
+            words[end.bucket] += 1
+            self._floats[self._ewma + slot] = end.ewma
+            words[self._stamp + slot] = now
+        if report is not None:
+            self._record_report(slot, report, now)
+        if outcome == SUCCESS:
+            words[self._consecutive + slot] = 0
+            return
+        at = self._fail_score + slot
+        self._floats[at] = end.score
+        words[at + self._c] = now
+        if int(end.score) > int(end.score_was):
+            words[H_VERSION] += 1  # the backend looks busier to every pick
+        self._record_failure(slot, now)
+
+    def record_latency(self, on: bool = True) -> None:
+        """Have every process record the latency of each call (histogram and peak EWMA), or
+        stop: what latency-aware strategies, dashboards and metrics read."""
+        self._words[H_LATENCY] = int(on)
 
     def end_later(self, call: list[Any], outcome: int) -> None:
         """Record `call`'s end, surely: queued first, so that an interrupt while it is being
@@ -393,30 +462,63 @@ class SharedState:
     # Membership --------------------------------------------------------------------------
 
     def _copy_slots(
-        self, blocking: bool = True, timeout: float | None = None
-    ) -> tuple[int, memoryview, bytearray]:
-        """The membership version, slot fields (as words) and addresses, copied consistently.
+        self,
+        fields: Sequence[int] = ALL_FIELDS,
+        blocking: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, memoryview, dict[int, str]]:
+        """The membership version and `fields` of every slot, copied together under the lock,
+        as words in the segment's field-major order (fields not asked for read 0); and the
+        address of every registered slot.
 
-        The buffers are allocated before the lock is taken; under it, only two copies run.
+        The buffers are allocated before the lock is taken and only copies run under it. The
+        addresses are read outside it, from this process's cache of them by slot and
+        generation: a slot keeps its address while it stays registered, and its generation
+        moves before a new one is written (`_read_addresses`).
         """
-        lay = self.layout
-        fields_at = slice(lay.field(0) * L.WORD, lay.field(L.SLOT_FIELDS) * L.WORD)
-        addresses_at = slice(lay.addresses, lay.addresses + self._c * L.ADDRESS_BYTES)
-        fields = bytearray(fields_at.stop - fields_at.start)
-        addresses = bytearray(addresses_at.stop - addresses_at.start)
-        source_fields, source_addresses = self._buf[fields_at], self._buf[addresses_at]
+        lay, c = self.layout, self._c
+        wanted = sorted({*fields, L.STATE, L.GENERATION})
+        out = bytearray(L.SLOT_FIELDS * c * L.WORD)
+        sources = [self._buf[lay.field(f) * L.WORD : lay.field(f + 1) * L.WORD] for f in wanted]
+        targets = [slice(f * c * L.WORD, (f + 1) * c * L.WORD) for f in wanted]
 
         def copy() -> int:
-            fields[:] = source_fields
-            addresses[:] = source_addresses
+            for source, target in zip(sources, targets, strict=True):
+                out[target] = source
             return int(self._words[L.H_VERSION])
 
         try:
             version = self._locked(copy, blocking, timeout)
         finally:
-            source_fields.release()
-            source_addresses.release()
-        return version, memoryview(fields).cast("q"), addresses
+            for source in sources:
+                source.release()
+        words = memoryview(out).cast("q")
+        return version, words, self._read_addresses(words)
+
+    def _read_addresses(self, copied: memoryview) -> dict[int, str]:
+        """The address of every slot registered in `copied` (a `_copy_slots` copy), read
+        without the lock. A slot re-registered since the copy has another generation by now:
+        its address is left out (the copy is stale, and the version that came with it says
+        so to whoever uses it)."""
+        c, cache, live = self._c, self._address_cache, self._words
+        states = copied[L.STATE * c : (L.STATE + 1) * c].tolist()
+        generations = copied[L.GENERATION * c : (L.GENERATION + 1) * c].tolist()
+        found: dict[int, str] = {}
+        base = self.layout.addresses
+        for slot, state in enumerate(states):
+            if state == L.FREE:
+                continue
+            generation = generations[slot]
+            known = cache.get(slot)
+            if known is not None and known[0] == generation:
+                found[slot] = known[1]
+                continue
+            offset = base + slot * L.ADDRESS_BYTES
+            addr = L.read_address(bytes(self._buf[offset : offset + L.ADDRESS_BYTES]), 0)
+            if live[self._gen + slot] == generation:
+                cache[slot] = (generation, addr)
+                found[slot] = addr
+        return found
 
     def membership(
         self, now: int, blocking: bool = True, max_age_ns: int | None = None
@@ -426,7 +528,7 @@ class SharedState:
         `max_age_ns`: rebuild the view at least this often (a strategy fed by reports).
         """
         c = self._c
-        version, f, addresses = self._copy_slots(blocking)
+        version, f, addresses = self._copy_slots(MEMBERSHIP_FIELDS, blocking)
         if version == L.CLOSED:
             raise SegmentError("the balancer was closed by its owner")
 
@@ -453,7 +555,9 @@ class SharedState:
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue
-            addr = addrs[slot] = L.read_address(addresses, slot)
+            addr = addrs[slot] = addresses.get(slot)
+            if addr is None:  # re-registered since the copy: this view is stale already
+                continue
             live.append(addr)
             if state[slot] == L.DRAINING:
                 continue
@@ -493,6 +597,25 @@ class SharedState:
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
         return Membership(view, tuple(addrs), frozenset(live))
 
+    def populate(self, addrs: Sequence[str]) -> None:
+        """Fill a new segment, before any other process can see it, with `addrs` (canonical,
+        distinct) at weight 1, in slots 0, 1, ...: one hold, not one registration each."""
+        if len(addrs) > self._c:
+            raise CapacityExceeded(f"{len(addrs)} addresses do not fit capacity={self._c}")
+        records = [L.address_record(addr) for addr in addrs]
+        words, buf, base = self._words, self._buf, self.layout.addresses
+
+        def update() -> None:
+            for slot, record in enumerate(records):
+                offset = base + slot * L.ADDRESS_BYTES
+                buf[offset : offset + len(record)] = record
+                words[self._weight + slot] = 1
+                words[self._gen + slot] += 1
+                words[self._state + slot] = L.LIVE
+            words[H_VERSION] += 1
+
+        self._locked(update)
+
     def register(self, addr: str, weight: int, warm_up: bool = True) -> int:
         """Put `addr` (canonical) in a free slot; return the slot.
 
@@ -502,9 +625,8 @@ class SharedState:
         record = L.address_record(addr)
         now = self.clock()
 
-        def update() -> int:
+        def update(found: int, free: int) -> int:
             words = self._words
-            found = self._find(record)
             if found >= 0 and words[self._state + found] == L.DRAINING:
                 words[self._weight + found] = weight
                 words[self._state + found] = L.LIVE
@@ -512,9 +634,9 @@ class SharedState:
                 return found
             if found >= 0:
                 raise DuplicateBackend(addr)
-            slot = next((s for s in range(self._c) if words[self._state + s] == L.FREE), -1)
-            if slot < 0:
+            if free < 0:
                 raise CapacityExceeded(f"all {self._c} backend slots are in use (capacity)")
+            slot = free
             for field in range(L.SLOT_FIELDS):
                 if field not in (L.STATE, L.GENERATION):
                     words[self.layout.field(field) + slot] = 0
@@ -529,40 +651,34 @@ class SharedState:
             words[L.H_VERSION] += 1
             return slot
 
-        return self._locked(update)
+        return self._on_address(record, update, free=True)
 
     def unregister(self, addr: str) -> int:
         """Free the slot of `addr` at once; calls still in flight on it will leave no trace."""
-        record = L.address_record(addr)
 
-        def update() -> int:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> int:
             if slot < 0:
                 raise UnknownBackend(addr)
             self._free(slot)
             return slot
 
-        return self._locked(update)
+        return self._on_address(L.address_record(addr), update)
 
     def set_weight(self, addr: str, weight: int) -> None:
         """Change the weight of a registered backend; every process sees it on its next pick."""
-        record = L.address_record(addr)
 
-        def update() -> None:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> None:
             if slot < 0:
                 raise UnknownBackend(addr)
             self._words[self._weight + slot] = weight
             self._words[H_VERSION] += 1
 
-        self._locked(update)
+        self._on_address(L.address_record(addr), update)
 
     def drain(self, addr: str) -> int:
         """Take `addr` out of rotation now and free its slot when its last call ends."""
-        record = L.address_record(addr)
 
-        def update() -> int:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> int:
             if slot < 0:
                 raise UnknownBackend(addr)
             if self._words[self._inflight + slot] == 0:
@@ -572,7 +688,51 @@ class SharedState:
                 self._words[H_VERSION] += 1
             return slot
 
-        return self._locked(update)
+        return self._on_address(L.address_record(addr), update)
+
+    def _on_address(
+        self, record: bytes, update: Callable[[int, int], T], *, free: bool = False
+    ) -> T:
+        """``update(slot of record or -1, a free slot or -1)`` under the lock.
+
+        The slots are looked up before the lock is taken, from the membership version seen
+        then: every registration and release bumps it, so if it is unchanged under the lock
+        the lookup still holds, and the hold does no search (at 4096 backends a search takes
+        about a millisecond). A changed version means a new lookup, then a search under the
+        lock if the version keeps moving.
+        """
+        words = self._words
+        for _ in range(LOOKUP_TRIES):
+            version = int(words[H_VERSION])
+            found, spare = self._locate(record), self._free_slot() if free else -1
+
+            def checked(found: int = found, spare: int = spare, version: int = version) -> T:
+                if words[H_VERSION] != version:
+                    return _MOVED  # type: ignore[return-value]
+                return update(found, spare)
+
+            result = self._locked(checked)
+            if result is not _MOVED:
+                return result
+        return self._locked(lambda: update(self._find(record), self._free_slot() if free else -1))
+
+    def _locate(self, record: bytes) -> int:
+        """The registered (live or draining) slot whose address is `record`, or -1; no lock
+        (what it finds holds while the membership version does)."""
+        lay = self.layout
+        region = bytes(self._buf[lay.addresses : lay.addresses + self._c * L.ADDRESS_BYTES])
+        at = region.find(record)
+        while at >= 0:
+            slot, inside = divmod(at, L.ADDRESS_BYTES)
+            if not inside and self._words[self._state + slot] != L.FREE:
+                return slot
+            at = region.find(record, at + 1)
+        return -1
+
+    def _free_slot(self) -> int:
+        """The first free slot, or -1; no lock, as `_locate`."""
+        states = self._words[self._state : self._state + self._c].tolist()
+        return states.index(L.FREE) if L.FREE in states else -1
 
     def _free(self, slot: int) -> None:
         """Lock held. Free `slot`: its generation moves on, so calls still out leave no trace."""
@@ -619,7 +779,7 @@ class SharedState:
 
         if not self._locked(claim, blocking):
             return False
-        _, f, _ = self._copy_slots(blocking)
+        _, f, _ = self._copy_slots(REPORT_FIELDS, blocking)
         floats = f.cast("b").cast("d")
 
         def column(field: int, data: Sequence[Any] = f) -> Sequence[Any]:
@@ -705,9 +865,8 @@ class SharedState:
         record = L.address_record(addr)
         now = self.clock()
 
-        def update() -> bool:
+        def update(slot: int, free: int) -> bool:
             words = self._words
-            slot = self._find(record)
             if slot < 0:
                 return False
             was_down = bool(words[self._down + slot])
@@ -723,7 +882,7 @@ class SharedState:
                 words[H_VERSION] += 1
             return changed
 
-        return self._locked(update)
+        return self._on_address(record, update)
 
     # Observation -------------------------------------------------------------------------
 
@@ -750,7 +909,7 @@ class SharedState:
             ewma = floats[L.EWMA_NS * c + slot]
             stats.append(
                 BackendStats(
-                    addr=L.read_address(addresses, slot),
+                    addr=addresses.get(slot, "?"),
                     weight=at(L.WEIGHT, slot),
                     in_flight=at(L.IN_FLIGHT, slot),
                     requests=at(L.REQUESTS, slot),

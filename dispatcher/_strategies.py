@@ -30,7 +30,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate, chain
 from operator import add, itemgetter
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from ._checks import check_seconds
 from ._latency import FAILURE_PENALTY_NS, decayed
@@ -308,14 +308,29 @@ class _Scan:
 
     With equal weights, every count is read in one C-level call: a slice when the slots are
     contiguous (as they are unless some are ejected or unregistered), an `itemgetter`
-    otherwise. `current` holds the smooth round-robin values by slot (minus infinity for the
-    slots not in the view); they start at a random point of the cycle in each process, so
-    workers that all start (or all see a new view) at once do not pick in lockstep.
+    otherwise. Two tie-breaks keep the fair share. When every backend is idle (the common case
+    of a pool that is not saturated), they are taken in turn, in an order drawn at random in
+    each process; that check is one comparison of the counts' bytes, whatever the number of
+    backends. Otherwise `current` holds the smooth round-robin values by slot among the tied
+    ones (minus infinity for the slots not in the view), starting at a random point in each
+    process, so workers that all start (or all see a new view) at once do not pick in lockstep.
     """
 
-    __slots__ = ("current", "floor", "read", "uniform", "weight")
+    __slots__ = (
+        "current",
+        "floor",
+        "idle",
+        "order",
+        "read",
+        "span",
+        "turn",
+        "uniform",
+        "view",
+        "weight",
+    )
 
     def __init__(self, view: View) -> None:
+        self.view = view
         slots = view.slots
         contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
         self.read = itemgetter(slice(slots[0], slots[-1] + 1)) if contiguous else itemgetter(*slots)
@@ -326,35 +341,74 @@ class _Scan:
         for slot, weight in zip(slots, weights, strict=True):
             self.current[slot] = random.random() * weight
         self.floor = -float(1 << 20) * sum(weights)
+        shared = isinstance(view.in_flight, memoryview)
+        self.span = (
+            slice(slots[0], slots[-1] + 1) if contiguous and self.uniform and shared else None
+        )
+        """Where the counts of every slot lie, when the all-idle check applies: on the shared
+        counts (a memoryview), whose bytes compare in one step."""
+        self.idle = bytes(8 * len(slots))
+        self.order = random.sample(slots, len(slots))
+        self.turn = 0
+
+    def follows(self, view: View) -> bool:
+        """Whether this scan's structures still describe `view` (a rebuilt but equal view)."""
+        old = self.view
+        return (
+            old.version == view.version
+            and old.slots == view.slots
+            and (old.weights == view.weights)
+        )
 
 
 class LeastLoaded:
     """The backend with the fewest calls in flight across all processes, per unit of weight.
 
-    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins, and ties are broken by
-    smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
-    loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
-    which is how slow start ramps a new backend even when nothing is in flight). The
-    round-robin state is this process's own and restarts when the view changes.
+    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins (recent failures counted
+    as calls in flight), and ties are broken by round-robin among the tied backends (smooth
+    weighted round-robin when weights differ). Ties are what an idle or lightly loaded pool
+    mostly has, so this is what spreads sequential calls evenly (or by weight, which is how
+    slow start ramps a new backend even when nothing is in flight). The round-robin state is
+    this process's own and restarts when the view changes.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._scans = _PerView(_Scan)
+        self._scan: _Scan | None = None
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots = view.slots
         if len(slots) == 1:
             return slots[0]
-        scan = self._scans.get(view)
+        scan = self._scan
+        if scan is None or scan.view is not view:
+            scan = self._follow(view)
+        span = scan.span
+        if (
+            span is not None
+            and not view.penalized
+            and cast(memoryview, view.in_flight)[span].tobytes() == scan.idle
+        ):  # all idle: each in turn
+            turn = scan.turn
+            scan.turn = turn + 1
+            return scan.order[turn % len(slots)]
         if scan.uniform:
             counts: list[int] = list(scan.read(view.in_flight))
             if view.penalized:
                 counts = list(map(add, counts, scan.read(view.penalties)))
             return _least_loaded_equal(slots, counts, scan.weight, scan.current, scan.floor)
         return _least_loaded_weighted(view, scan.current)
+
+    def _follow(self, view: View) -> _Scan:
+        """The scan for `view`: the current one if the view only was rebuilt, else a new one."""
+        scan = self._scan
+        if scan is not None and scan.follows(view):
+            scan.view = view
+        else:
+            scan = self._scan = _Scan(view)
+        return scan
 
     def __reduce__(self) -> tuple[type[Any], tuple[()]]:
         """Pickled as its class alone: the receiving process builds its own caches."""
@@ -645,6 +699,7 @@ class PeakEwma(_Randomised):
 
     name: ClassVar[str] = "peak_ewma"
     uses_cursor = False
+    uses_latency = True
 
     def _start(self) -> None:
         self._sampler = _PerView(_Sampler)

@@ -116,7 +116,8 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
 
     # What the pickers see: one set of arrays, or one per worker.
     views = 1 if mode == "shared" else workers
-    in_flight = [[0] * b for _ in range(views)]
+    # Counts in words, as the shared segment holds them: strategies read them the same way.
+    in_flight = [memoryview(bytearray(8 * b)).cast("q") for _ in range(views)]
     latency = [[0.0] * b for _ in range(views)]
     stamps = [[0] * b for _ in range(views)]
     view = [View(1, slots, weights, in_flight[v], latency[v]) for v in range(views)]

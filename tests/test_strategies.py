@@ -257,7 +257,9 @@ def test_least_loaded_round_robin_state_stays_bounded() -> None:
     strategy = LeastLoaded()
     v = view([1.0] * 3)
     strategy.pick(v, -1, None)
-    current = strategy._scans.get(v).current
+    scan = strategy._scan
+    assert scan is not None
+    current = scan.current
     current[:] = [-(2.0**41) + i for i in range(3)]  # after about 2**40 picks
     assert [strategy.pick(v, -1, None) for _ in range(6)] == [2, 1, 0, 2, 1, 0]
     assert min(current) > -10

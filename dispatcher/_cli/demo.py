@@ -380,6 +380,7 @@ def make_balancer(addrs: list[str], options: Options) -> Balancer:
         max_ejection_seconds=12.0,
         slow_start_seconds=options.slow_start,
         health_check=HealthCheck(HEALTH_PATH, interval=1.0, rise=2, fall=2, timeout=0.5),
+        latency=True,  # the dashboard shows each backend's p50 and p99
     )
 
 
