@@ -9,6 +9,7 @@ its own (async backends, resolvers, server hooks).
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
 from ._health import HealthCheck
+from ._latency import BUCKET_BOUNDS, percentile
 from ._pool import WorkerPool
 from ._strategies import (
     STRATEGIES,
@@ -47,6 +48,7 @@ from .errors import (
 from .servers import attach_from_env, shared_balancer
 
 __all__ = [
+    "BUCKET_BOUNDS",
     "STRATEGIES",
     "Backend",
     "BackendError",
@@ -83,6 +85,7 @@ __all__ = [
     "WorkerDied",
     "WorkerPool",
     "attach_from_env",
+    "percentile",
     "reconcile",
     "shared_balancer",
 ]
