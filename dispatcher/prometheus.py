@@ -102,6 +102,7 @@ class BalancerCollector:
         if label is not None and not isinstance(label, str):
             raise TypeError(f"label must be a str, not {type(label).__name__}")
         self._segment = Segment.open(name)
+        self._closed = False
         self.label = name if label is None else label
 
     def describe(self) -> list[Metric]:
@@ -111,7 +112,7 @@ class BalancerCollector:
     def collect(self) -> Iterator[Metric]:
         """The families with one sample per backend, read from the shared segment now."""
         segment = self._segment
-        if segment.closed or segment.closed_by_owner:
+        if self._closed or segment.closed_by_owner:
             return
         try:
             stats = segment.snapshot(timeout=LOCK_WAIT_S)
@@ -146,7 +147,9 @@ class BalancerCollector:
 
     def close(self) -> None:
         """Give back the segment handle; later scrapes report nothing."""
-        self._segment.close()
+        if not self._closed:
+            self._closed = True
+            self._segment.close()
 
     def __repr__(self) -> str:
         return f"<BalancerCollector {self.label!r} of {self._segment.name}>"
