@@ -8,6 +8,7 @@ its own (async backends, resolvers, server hooks).
 
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
+from ._events import Event
 from ._health import HealthCheck
 from ._latency import BUCKET_BOUNDS, percentile
 from ._pool import WorkerPool
@@ -62,6 +63,7 @@ __all__ = [
     "DuplicateBackend",
     "EtcdError",
     "EtcdResolver",
+    "Event",
     "HealthCheck",
     "HttpBackend",
     "HttpRequest",

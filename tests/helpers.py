@@ -450,3 +450,51 @@ def wsgi_app_with_metrics(environ: dict[str, Any], start_response: Any) -> list[
         return start_response(status, [*headers, ("X-Worker", str(os.getpid()))], *rest)
 
     return list(app(environ, start))
+
+
+# Events ---------------------------------------------------------------------------------------
+
+events_seen: list[Any] = []
+"""What `record_event` received in this process."""
+
+
+def record_event(event: Any) -> None:
+    """An ``on_event`` callback: keeps the event here, and appends it as a line of JSON to
+    $DISPATCHER_TEST_EVENTS if set (the monitor's events reach the test that way), with the
+    pid of the process that reported it."""
+    import dataclasses
+    import json
+
+    events_seen.append(event)
+    path = os.environ.get("DISPATCHER_TEST_EVENTS")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({**dataclasses.asdict(event), "pid": os.getpid()}) + "\n")
+
+
+def read_events(path: str) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        with open(path) as lines:
+            return [json.loads(line) for line in lines]
+    except FileNotFoundError:
+        return []
+
+
+def probe_env(addr: str) -> bool:
+    """A health check: fails for the addresses in $DISPATCHER_TEST_FAILING, read from the
+    file $DISPATCHER_TEST_FAILING_FILE if set (so a test can change it for the monitor)."""
+    path = os.environ.get("DISPATCHER_TEST_FAILING_FILE")
+    if path:
+        with open(path) as text:
+            return addr not in text.read().split(",")
+    return addr not in os.environ.get("DISPATCHER_TEST_FAILING", "").split(",")
+
+
+def fail_many(balancer: Balancer, calls: int) -> None:
+    """`calls` calls that fail (`Echo` raises on "fail")."""
+    for _ in range(calls):
+        with contextlib.suppress(RuntimeError):
+            balancer.invoke("fail")
+    balancer.close()
