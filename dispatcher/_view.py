@@ -7,7 +7,7 @@ snapshot. Neither needs a segment: tests of strategies build views from plain li
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,8 @@ class BackendStats:
     `last_failure` are on the `time.monotonic()` clock (CLOCK_MONOTONIC, shared by every
     process of the machine). The ``recent_*`` fields and the percentiles cover the recent
     window (`window` seconds, about the last 10 s: see `RecentWindow` in `_latency`), not the
-    backend's whole life.
+    backend's whole life. They depend on what this process saw before, so two snapshots
+    compare equal when their shared numbers are equal, whatever their windows.
     """
 
     addr: str
@@ -77,20 +78,20 @@ class BackendStats:
     latencies below ``BUCKET_BOUNDS[i]`` seconds and at least the bound before it."""
     slot: int
     """Its index in the shared arrays (reused after it is unregistered)."""
-    window: float | None = None
+    window: float | None = field(default=None, compare=False)
     """Seconds the recent numbers cover; None for a process's first snapshot, whose recent
     numbers cover the backend's whole life."""
-    recent_requests: int = 0
+    recent_requests: int = field(default=0, compare=False)
     """`requests` over the recent window."""
-    recent_failures: int = 0
+    recent_failures: int = field(default=0, compare=False)
     """`failures` over the recent window."""
-    recent_histogram: tuple[int, ...] = ()
+    recent_histogram: tuple[int, ...] = field(default=(), compare=False)
     """`histogram` over the recent window."""
-    p50: float | None = None
+    p50: float | None = field(default=None, compare=False)
     """Median latency over the recent window, in seconds (within ~19%); None without calls."""
-    p90: float | None = None
+    p90: float | None = field(default=None, compare=False)
     """90th percentile latency over the recent window, in seconds."""
-    p99: float | None = None
+    p99: float | None = field(default=None, compare=False)
     """99th percentile latency over the recent window, in seconds."""
 
     @property
