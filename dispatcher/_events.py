@@ -79,7 +79,7 @@ class Event:
     """The backend's ``host:port``; "" for ``reaped``."""
     reason: str
     duration: float | None
-    """Seconds: how long the ejection lasts (``ejected``), was out (``returned``), was up
+    """Seconds: how long the ejection is for (``ejected``), lasted (``returned``), was up
     (``down``) or down (``up``); how long the dead worker had run (``reaped``). None where
     it does not apply or is not known (a state older than the monitor)."""
     balancer: str
@@ -298,7 +298,7 @@ class Watcher:
 
     def _ejected(self, slot: int, times: int, until: int, now: int) -> None:
         policy = self._segment.state.policy
-        lasts = max(until - now, 0) / 1e9
+        lasts = policy.duration_ns(times) / 1e9
         self._report(
             EJECTED,
             slot,
@@ -311,8 +311,8 @@ class Watcher:
         started = before.until - self._segment.state.policy.duration_ns(before.times_ejected)
         out = max(now - started, 0) / 1e9
         early = until < before.until
-        why = "a passing health check ended its ejection" if early else "its ejection ended"
-        self._report(RETURNED, slot, f"back in rotation after {_span(out)}: {why}", out)
+        why = "a passing health check ended it" if early else "it ran its course"
+        self._report(RETURNED, slot, f"its ejection ended after {_span(out)}: {why}", out)
 
     def _health_change(self, slot: int, down: bool, since: int | None, now: int) -> None:
         health = self._health

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import sub
 
 from ._layout import BUCKETS, bucket_floor_ns
 
@@ -65,6 +68,21 @@ def percentile_ns(counts: Sequence[int], fraction: float) -> int | None:
         if seen >= rank and count:
             return _bucket_middle(bucket)
     return _bucket_middle(len(counts) - 1)
+
+
+def percentiles_ns(counts: Sequence[int], fractions: Sequence[float]) -> list[int | None]:
+    """`percentile_ns` for several fractions at once: one pass over the histogram."""
+    cumulative = list(accumulate(counts))
+    total = cumulative[-1] if cumulative else 0
+    if total == 0:
+        return [None] * len(fractions)
+    found: list[int | None] = []
+    for fraction in fractions:
+        bucket = bisect_left(cumulative, fraction * total)
+        while bucket < len(counts) - 1 and not counts[bucket]:
+            bucket += 1
+        found.append(_bucket_middle(min(bucket, len(counts) - 1)))
+    return found
 
 
 def percentile(histogram: Sequence[int], q: float) -> float | None:
@@ -146,7 +164,9 @@ class RecentWindow:
 def _diff(window: float, now: Counters, then: Counters | None) -> Recent:
     if then is None or then.addr != now.addr or then.requests > now.requests:
         return Recent(window, now.requests, now.failures, now.histogram)
-    histogram = tuple(max(a - b, 0) for a, b in zip(now.histogram, then.histogram, strict=True))
+    histogram = tuple(map(sub, now.histogram, then.histogram))
+    if min(histogram, default=0) < 0:  # the slot changed hands and outgrew its old counts
+        return Recent(window, now.requests, now.failures, now.histogram)
     return Recent(
         window, now.requests - then.requests, max(now.failures - then.failures, 0), histogram
     )

@@ -25,7 +25,7 @@ from time import monotonic_ns
 from typing import Any, TypeVar
 
 from . import _layout as L
-from ._latency import Counters, RecentWindow, peak_ewma, percentile_ns, sample_ns
+from ._latency import Counters, RecentWindow, peak_ewma, percentiles_ns, sample_ns
 from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
 from ._policy import WARMTH_STEPS, EjectionPolicy
@@ -629,7 +629,7 @@ class SharedState:
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
             window = recent[slot]
-            p50, p90, p99 = (percentile_ns(window.histogram, q) for q in (0.5, 0.9, 0.99))
+            p50, p90, p99 = percentiles_ns(window.histogram, (0.5, 0.9, 0.99))
             stats.append(
                 BackendStats(
                     addr=counted.addr,

@@ -133,13 +133,12 @@ def backend_state(stats: BackendStats) -> str:
 
 
 def _state_text(stats: BackendStats, now: float) -> Text:
-    state = backend_state(stats)
-    text = Text(state, style=_STYLES[state])
+    state = text = backend_state(stats)
     if state == EJECTED and stats.ejected_until is not None:
-        text.append(f" {max(stats.ejected_until - now, 0.0):.0f}s", style="red")
+        text += f" {max(stats.ejected_until - now, 0.0):.0f}s"
     elif state == WARMING:
-        text.append(f" {stats.effective_weight / stats.weight:.0%}", style="yellow")
-    return text
+        text += f" {stats.effective_weight / stats.weight:.0%}"
+    return Text(text, style=_STYLES[state])
 
 
 def seconds_text(seconds: float | None) -> str:
@@ -202,11 +201,12 @@ def _errors(stats: BackendStats) -> Text:
 def render(frame: Frame) -> RenderableType:
     """The dashboard for `frame`, within 80 columns: header, backends, legend, in flight per
     worker, events."""
+    # Spaces end a styled run rather than start one: some SVG renderers drop leading ones.
     header = Text.assemble(
-        (frame.title, "bold"),
-        f" · {frame.source} · ",
-        (frame.strategy or "custom", "bold cyan"),
-        f" · {frame.elapsed:.0f} s",
+        (frame.title + " ", "bold"),
+        f"· {frame.source} · ",
+        ((frame.strategy or "custom") + " ", "bold cyan"),
+        f"· {frame.elapsed:.0f} s",
     )
     if frame.event:
         header.append("\n" + frame.event, style="bold magenta")

@@ -263,7 +263,7 @@ class Step:
 
 def timeline(backends: list[DemoBackend]) -> tuple[list[Step], float]:
     """The incidents of one cycle, and the cycle's length in seconds."""
-    steps = [Step(0, "steady load on every backend")]
+    steps = [Step(0, "steady load")]
     if len(backends) < 2:
         return steps, 30.0
     slow = backends[1]
