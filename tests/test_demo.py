@@ -31,6 +31,7 @@ from dispatcher._cli.dashboard import (
     summary,
     worker_rows,
 )
+from dispatcher._cli.demo import Step, Timeline
 from dispatcher._cli.main import build_parser
 from dispatcher._cli.top import open_target, snapshot_document
 from dispatcher._layout import BUCKETS, bucket_of
@@ -325,8 +326,9 @@ def test_top_reports_a_balancer_owned_by_another_process() -> None:
                 text=True,
                 timeout=60,
                 check=True,
-                env=ENV,
+                env={**ENV, "COLUMNS": "80"},
             ).stdout
+            assert max(len(line) for line in shown.splitlines()) <= 80
             assert name in shown
             for addr in addrs:
                 assert words_of(shown, addr)[2] == "healthy"
@@ -432,3 +434,21 @@ def test_ctrl_c_stops_every_process_and_leaves_no_segment() -> None:
     psutil.wait_procs(children, timeout=10)
     assert all(gone(child) for child in children)
     assert not os.path.exists(f"/dev/shm/{name[1]}")
+
+
+def test_the_timeline_says_where_it_is_and_what_comes_next() -> None:
+    done: list[str] = []
+    steps = [
+        Step(0, "steady load"),
+        Step(8, "b2 turns slow", lambda: done.append("slow") or None),
+        Step(18, "b2 is fast again"),
+    ]
+    script = Timeline(steps, 30.0)
+    assert script.progress(0.0) == "next: steady load in 0 s"
+    assert list(script.advance(0.0)) == ["steady load"]
+    assert script.progress(0.0) == "step 1/3: steady load · next: b2 turns slow in 8 s"
+    assert script.progress(7.2) == "step 1/3: steady load · next: b2 turns slow in 1 s"
+    assert list(script.advance(8.0)) == ["b2 turns slow"] and done == ["slow"]
+    assert list(script.advance(29.0)) == ["b2 is fast again"]
+    assert script.progress(29.0) == "step 3/3: b2 is fast again · next: steady load in 1 s"
+    assert list(script.advance(30.0)) == ["steady load"]  # the next cycle

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.sharedctypes
@@ -306,7 +307,7 @@ class Timeline:
         upcoming = steps[self._next]
         due = self._cycle * self._period + upcoming.at - elapsed
         now = f"step {(self._next - 1) % total + 1}/{total}: {self.current}" if self.current else ""
-        following = f"next: {upcoming.text} in {max(due, 0.0):.0f} s"
+        following = f"next: {upcoming.text} in {max(math.ceil(due), 0)} s"
         return f"{now} · {following}" if now else following
 
     def advance(self, elapsed: float) -> Iterator[str]:
@@ -455,6 +456,9 @@ def run(
             highlight=False,
             soft_wrap=True,
         )
+        load = Load(pool, options.rate)
+        console.print(f"starting {options.workers} workers ...", highlight=False)
+        load.warm_up(stop)
         segment = Segment.open(balancer.name)
         stack.callback(segment.close)
         sampler = Sampler(
@@ -467,9 +471,6 @@ def run(
         )
         steps, period = timeline(backends)
         script = Timeline(steps, period)
-        load = Load(pool, options.rate)
-        console.print(f"starting {options.workers} workers ...", highlight=False)
-        load.warm_up(stop)
         last = _loop(options, stop, sampler, script, load, stack.enter_context(Screen(console)))
         pool.shutdown(wait=True, cancel_futures=True)
         frame = sampler.sample(event=script.current, totals=load.totals())

@@ -82,7 +82,7 @@ def _show(
         functools.partial(segment.snapshot, timeout=LOCK_WAIT_S),
         functools.partial(worker_rows, segment),
         title="dispatcher top",
-        source=f"{segment.name} (owner pid {owner})",
+        source=f"{segment.name} (pid {owner})",
         strategy=segment.strategy_name,
     )
     if once:
