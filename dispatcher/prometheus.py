@@ -64,7 +64,7 @@ __all__ = ["HIGHEST_BOUND_S", "LOWEST_BOUND_S", "BalancerCollector"]
 LOWEST_BOUND_S = 1.6e-5
 """The smallest ``le`` exported (about 16 us): every faster call is counted in it."""
 HIGHEST_BOUND_S = 60.0
-"""Bounds above this (the last near 51.5 s) are left to ``+Inf``."""
+"""The largest ``le`` exported: every finite shared bound is below it (the last is 51.5 s)."""
 LOCK_WAIT_S = 1.0
 """The longest a scrape waits for the shared lock before it fails (`LockBusy`)."""
 

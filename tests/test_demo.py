@@ -129,7 +129,7 @@ def test_render_fits_80_columns_and_shows_each_backend_state() -> None:
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     # The long address lost its middle, never its state or its port.
-    assert words_of(text, "warming 25%")[:3] == ["#2", "[2001…ee:1]:8080", "warming"]
+    assert words_of(text, "warming 25%")[:3] == ["#2", "[2001:d…:1]:8080", "warming"]
     b1 = words_of(text, "10.0.0.1:80")
     assert b1[:3] == ["b1", "10.0.0.1:80", "healthy"]
     # in flight (bar, count), req/s over the window, the trend, errors, p50 p90 p99
@@ -452,3 +452,28 @@ def test_the_timeline_says_where_it_is_and_what_comes_next() -> None:
     assert list(script.advance(29.0)) == ["b2 is fast again"]
     assert script.progress(29.0) == "step 3/3: b2 is fast again · next: steady load in 1 s"
     assert list(script.advance(30.0)) == ["steady load"]  # the next cycle
+
+
+def test_many_backends_and_long_names_still_fit_80_columns() -> None:
+    many = tuple(
+        stats(f"backend-{i}.a-rather-long-service-name.internal:8080", 4000 + i, in_flight=i)
+        for i in range(12)
+    )
+    labels = {b.addr: f"shard{i}" for i, b in enumerate(many)}
+    wide = Frame(
+        title="dispatcher top",
+        source="dispatcher_5f36d7b59478e076 (pid 123456)",
+        strategy="weighted_round_robin",
+        now=100.0,
+        elapsed=12345.0,
+        backends=many,
+        workers=(WorkerInfo(4194304, 100.0, 2**40, {b.slot: 99 for b in many}),),
+        labels=labels,
+        log=("x" * 200,),
+    )
+    console = Console(file=io.StringIO(), record=True, width=80)
+    console.print(render(wide))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert words_of(text, "shard11 ")[:3] == ["shard11", "back…l:8080", "healthy"]
+    assert words_of(text, "4194304")[-2:] == [str(99 * 6), str(99 * 12)]  # "other", "all"

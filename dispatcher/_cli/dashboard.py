@@ -44,7 +44,7 @@ LEGEND = (
 LOG_LINES = 5
 BACKEND_WIDTH = 19
 """The backend column's width: a longer name loses its middle (the port stays)."""
-WORKER_COLUMNS = 8
+WORKER_COLUMNS = 6
 """Backends shown one by one in the per-worker view; the rest are summed in "other"."""
 TREND_POINTS = 8
 TREND_STEP_S = 2.0
@@ -247,7 +247,8 @@ def _backends(frame: Frame) -> Table:
     in_flight_top = max([4, *(b.in_flight for b in frame.backends)])
     trend_top = max([0.0, *(p for t in frame.trends.values() for p in t)])
     for b in frame.backends:
-        name = middle_cut(f"{_handle(frame, b)} {b.addr}", BACKEND_WIDTH)
+        handle = middle_cut(_handle(frame, b), 8)
+        name = f"{handle} {middle_cut(b.addr, BACKEND_WIDTH - len(handle) - 1)}"
         trend = frame.trends.get(b.addr, ())
         table.add_row(
             name,
