@@ -20,12 +20,13 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _events, _monitor
 from . import _layout as L
-from . import _monitor
 from ._address import parse_address
 from ._backends import Backend, HttpBackend
 from ._call import Attempts, off_loop
 from ._checks import MAX_WEIGHT, check_int, check_seconds
+from ._events import Listener
 from ._health import HealthCheck
 from ._layout import H_CURSOR, H_VERSION
 from ._orca import WEIGHT_PERIOD_NS
@@ -93,6 +94,7 @@ class Balancer:
         latency: bool | None = None,
         monitor: bool = True,
         shared: bool = True,
+        on_event: Listener | None = None,
     ) -> None:
         check_int("capacity", capacity, 1, L.MAX_CAPACITY)
         check_int("max_workers", max_workers, 1, L.MAX_WORKERS)
@@ -113,6 +115,7 @@ class Balancer:
             raise ValueError(
                 "health checks run in the monitor: they need shared=True, monitor=True"
             )
+        _events.check_listener(on_event, shared)
         if isinstance(addrs, str):
             raise TypeError("addrs must be an iterable of 'host:port' strings, not one string")
         parsed = [parse_address(addr) for addr in addrs]
@@ -131,12 +134,16 @@ class Balancer:
         try:
             watcher = None
             if shared and monitor:
-                _monitor.configure(segment, health_check)
+                _monitor.configure(segment, health_check, on_event)
                 watcher = _monitor.start(segment.name)
+            elif on_event is not None:
+                _events.store_spec(segment, None, on_event)
         except BaseException:
             segment.close(unlink=True)
             raise
         self._setup(segment, strategy, chosen, backend_factory, owner=True, monitor=watcher)
+        for addr in parsed:
+            _events.membership(segment, _events.REGISTERED, addr, "at creation, weight 1")
 
     def _setup(
         self,
@@ -472,11 +479,18 @@ class Balancer:
         canonical = parse_address(addr)
         check_int("weight", weight, 1, MAX_WEIGHT)
         self._live_state().register(canonical, weight)
+        _events.membership(self._segment, _events.REGISTERED, canonical, f"weight {weight}")
 
     def unregister(self, addr: str) -> None:
         """Remove a backend at once; calls in flight on it finish and leave no count behind."""
         canonical = parse_address(addr)
         self._live_state().unregister(canonical)
+        _events.membership(
+            self._segment,
+            _events.UNREGISTERED,
+            canonical,
+            "removed; calls in flight leave no trace",
+        )
         with self._local_lock:
             proxy = self._proxies.pop(canonical, None)
         _close_proxy(proxy)
@@ -492,7 +506,11 @@ class Balancer:
 
         Registering the address again before then puts it back in rotation as it was.
         """
-        self._live_state().drain(parse_address(addr))
+        canonical = parse_address(addr)
+        self._live_state().drain(canonical)
+        _events.membership(
+            self._segment, _events.DRAINING, canonical, "no new calls; removed once its calls end"
+        )
 
     def snapshot(self) -> list[BackendStats]:
         """Every registered backend's numbers, as every attached process sees them."""
@@ -506,7 +524,7 @@ class Balancer:
         inside the lock): raise `LockBusy` rather than wait for the lock.
         """
         self._live_state()
-        return self._segment.reap(blocking=blocking)
+        return _events.reap(self._segment, blocking=blocking)
 
     def backends(self) -> list[Backend]:
         """This process's backend proxies, one per address it has called so far."""

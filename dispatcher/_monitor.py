@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -32,7 +31,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 
+from . import _events
 from . import _layout as L
+from ._events import Listener
 from ._health import HealthCheck, HealthTracker
 from ._segment import Segment
 from ._workers import is_alive, start_time
@@ -47,12 +48,15 @@ STALE_NS = 3_000_000_000
 log = logging.getLogger("dispatcher.monitor")
 
 
-def configure(segment: Segment, health: HealthCheck | None) -> None:
-    """Owner, at creation: this segment wants a monitor, which runs `health` checks if any.
+def configure(
+    segment: Segment, health: HealthCheck | None, on_event: Listener | None = None
+) -> None:
+    """Owner, at creation: this segment wants a monitor, which runs `health` checks if any
+    and reports events to `on_event`.
 
     An unpicklable check fails here, in the owner, not later in the monitor.
     """
-    L.write_spec(segment.state.buffer, pickle.dumps(health))
+    _events.store_spec(segment, health, on_event)
     words = segment.state.words
     words[L.H_MONITOR_BEAT_NS] = segment.state.clock()  # vouch for the one about to start
     words[L.H_MONITOR] = 1
@@ -115,7 +119,7 @@ def check(segment: Segment, now: int) -> bool:
     try:
         if not state.lock.run(claim, blocking=False):
             return False
-        dead = segment.reap(blocking=False)
+        dead = _events.reap(segment, blocking=False)
     except LockBusy:
         return False
     if orphaned:
@@ -145,10 +149,12 @@ def run(name: str) -> None:
     except SegmentError:
         return  # the owner closed the segment before this process was up
     state, words = segment.state, segment.state.words
+    first = not words[L.H_MONITOR_PID]
     if not _register(segment):
         segment.close()
         return
-    health: HealthCheck | None = pickle.loads(L.read_spec(state.buffer))
+    health, _ = _events.spec_of(segment)
+    watcher = _events.Watcher(segment, health, first=first)
     tracker = HealthTracker(health.rise, health.fall) if health else None
     probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
     rounds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="round")
@@ -158,9 +164,8 @@ def run(name: str) -> None:
     try:
         while not segment.closed_by_owner and is_alive(owner, owner_start):
             words[L.H_MONITOR_BEAT_NS] = state.clock()
-            dead = segment.reap()
-            if dead:
-                log.warning("reclaimed the calls in flight of %d dead worker(s)", dead)
+            _events.reap(segment)
+            watcher.look(state.clock())
             due = health is not None and time.monotonic() >= next_probe
             if health and tracker and due and (current is None or current.done()):
                 next_probe = time.monotonic() + health.interval
@@ -208,12 +213,11 @@ def check_all(
     tracker.forget(set(addrs))
     for addr, passed in zip(addrs, results, strict=True):
         down = tracker.observe(addr, passed)
-        if segment.state.set_health(addr, passed, down):
-            log.warning("%s is %s", addr, "down: failing health checks" if down else "up")
+        segment.state.set_health(addr, passed, down)  # the watcher reports what changed
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="dispatcher monitor: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="dispatcher monitor: %(message)s")
     if len(sys.argv) not in (2, 3):
         raise SystemExit("dispatcher's monitor takes the segment's name [--detach]")
     if sys.argv[2:] == ["--detach"] and os.fork():

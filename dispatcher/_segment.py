@@ -28,7 +28,7 @@ import stat
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
@@ -228,16 +228,28 @@ class Segment:
         """Pids of the live processes that hold a worker row (that have picked)."""
         return [pid for _, pid, start in self.state.rows() if is_alive(pid, start)]
 
-    def reap(self, *, blocking: bool = True) -> int:
+    def reap(
+        self,
+        *,
+        blocking: bool = True,
+        reaped: Callable[[int, int, int], object] | None = None,
+    ) -> int:
         """Reclaim the in-flight counts of worker processes that died; return how many died.
 
-        Not `blocking`: raise `LockBusy` rather than wait for the lock.
+        Not `blocking`: raise `LockBusy` rather than wait for the lock. `reaped(pid, start,
+        calls)` is called, with the lock released, for each dead worker reclaimed here.
         """
         state = self.state
         dead = 0
         for row, pid, start in state.rows():
-            if not is_alive(pid, start) and state.reap(row, pid, start, blocking):
+            if is_alive(pid, start):
+                continue
+            base = state.row_base(row)
+            calls = sum(state.words[base : base + state.layout.capacity])
+            if state.reap(row, pid, start, blocking):
                 dead += 1
+                if reaped is not None:
+                    reaped(pid, start, calls)
         return dead
 
     def claim_row(self, blocking: bool = True) -> int:

@@ -26,10 +26,13 @@ from typing import Any, TypeVar
 
 from . import _layout as L
 from ._latency import (
+    Counters,
+    RecentWindow,
     failed_once_more,
     failure_score,
     peak_ewma,
     penalty_drops_at,
+    percentiles_ns,
     sample_ns,
 )
 from ._layout import BUCKETS, H_CURSOR, H_LATENCY, H_LOCK_PID, H_VERSION, bucket_of
@@ -168,6 +171,8 @@ class SharedState:
         )
         self._refresh_lock()
         self.policy = EjectionPolicy()
+        self.recent = RecentWindow()
+        """What this process's earlier snapshots saw, for the recent numbers of the next."""
 
     def _slice(self, view: memoryview[T], start: int, length: int = 0) -> memoryview[T]:
         part = view[start : start + (length or self._c)]
@@ -888,7 +893,8 @@ class SharedState:
 
     def snapshot(self, now: int, timeout: float | None = None) -> list[BackendStats]:
         """Every registered backend's numbers: the fields copied under the lock in one pass,
-        the histograms (counters that only grow) read without it."""
+        the histograms (counters that only grow) read without it. The recent numbers are the
+        difference with an earlier snapshot of this process (`RecentWindow`)."""
         lay, c = self.layout, self._c
         _, words, addresses = self._copy_slots(timeout=timeout)
         floats = words.cast("b").cast("d")
@@ -899,21 +905,32 @@ class SharedState:
         def at(field: int, slot: int) -> int:
             return int(words[field * c + slot])
 
+        counters = {
+            slot: Counters(
+                addresses.get(slot, "?"),
+                at(L.REQUESTS, slot),
+                at(L.FAILURES, slot),
+                tuple(hist[slot * L.BUCKETS : (slot + 1) * L.BUCKETS]),
+            )
+            for slot in range(c)
+            if at(L.STATE, slot) != L.FREE
+        }
+        recent = self.recent.observe(now, counters)
         stats = []
-        for slot in range(c):
-            if at(L.STATE, slot) == L.FREE:
-                continue
+        for slot, counted in counters.items():
             until = at(L.EJECTED_UNTIL_NS, slot)
             warm_since = max(until, at(L.ROTATION_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
+            window = recent[slot]
+            p50, p90, p99 = percentiles_ns(window.histogram, (0.5, 0.9, 0.99))
             stats.append(
                 BackendStats(
-                    addr=addresses.get(slot, "?"),
+                    addr=counted.addr,
                     weight=at(L.WEIGHT, slot),
                     in_flight=at(L.IN_FLIGHT, slot),
-                    requests=at(L.REQUESTS, slot),
-                    failures=at(L.FAILURES, slot),
+                    requests=counted.requests,
+                    failures=counted.failures,
                     consecutive_failures=at(L.CONSECUTIVE_FAILURES, slot),
                     ejected=until > now,
                     ejected_until=until / 1e9 if until > now else None,
@@ -923,8 +940,15 @@ class SharedState:
                     effective_weight=at(L.WEIGHT, slot) * self.policy.warmth(now - warm_since),
                     last_failure=last_failure / 1e9 if last_failure else None,
                     latency_ewma=ewma / 1e9 if ewma > 0 else None,
-                    histogram=tuple(hist[slot * L.BUCKETS : (slot + 1) * L.BUCKETS]),
+                    histogram=counted.histogram,
                     slot=slot,
+                    window=window.window,
+                    recent_requests=window.requests,
+                    recent_failures=window.failures,
+                    recent_histogram=window.histogram,
+                    p50=None if p50 is None else p50 / 1e9,
+                    p90=None if p90 is None else p90 / 1e9,
+                    p99=None if p99 is None else p99 / 1e9,
                 )
             )
         return stats

@@ -102,6 +102,8 @@ def test_no_object_is_offered_under_two_public_module_paths() -> None:
         "dispatcher.discovery",
         "dispatcher.errors",
         "dispatcher.gunicorn",
+        "dispatcher.otel",
+        "dispatcher.prometheus",
         "dispatcher.servers",
     ]
     paths: dict[int, list[str]] = {}

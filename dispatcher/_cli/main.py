@@ -83,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument(
-        "--interval", type=_positive, default=0.25, help="seconds between frames (default 0.25)"
+        "--json",
+        action="store_true",
+        help="print a snapshot as JSON for programs (with --interval: one per line until stopped)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_positive,
+        metavar="SECONDS",
+        help="seconds between frames (default 0.25), or between JSON lines",
     )
     return parser
 
@@ -109,7 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=PLAIN_WIDTH)
     with stop_on_signals() as stop:
         if args.command == "top":
-            return top(args.target, console, stop, once=args.once, interval=args.interval)
+            return top(
+                args.target,
+                console,
+                stop,
+                once=args.once,
+                interval=args.interval,
+                as_json=args.json,
+            )
         options = demo.Options(
             backends=args.backends,
             workers=args.workers,
