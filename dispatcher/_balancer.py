@@ -28,7 +28,7 @@ from ._call import Attempts, off_loop
 from ._checks import MAX_WEIGHT, check_int, check_seconds
 from ._events import Listener
 from ._health import HealthCheck
-from ._layout import H_CURSOR, H_VERSION
+from ._layout import H_CURSOR
 from ._orca import WEIGHT_PERIOD_NS
 from ._policy import EjectionPolicy
 from ._segment import Segment
@@ -60,11 +60,11 @@ RETRY_BUDGET_PERCENT = 20
 RETRY_MIN_CONCURRENCY = 3
 
 _UNBUILT = -2
-"""The version of the view a balancer starts with, and keeps once closed: no segment has it,
-so the next pick rebuilds the view (or, once closed, refuses)."""
-_NO_VIEW = Membership(View(_UNBUILT, (), (), (), ()), (), frozenset())
-_CLOSED_WORDS = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
-_CLOSED_WORDS[H_VERSION] = L.CLOSED
+_NO_VIEW = Membership(View(_UNBUILT, (), (), (), (), expires_ns=0), (), frozenset())
+"""The view a balancer starts with, and keeps once closed: expired, so the next pick rebuilds
+it (or, once closed, refuses)."""
+_Route = tuple[Membership, dict[int, Backend]]
+"""A membership, and this process's proxy for each of its slots picked so far."""
 
 _balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
 
@@ -172,7 +172,7 @@ class Balancer:
     def _reset_process(self) -> None:
         """Forget everything that belongs to one process: proxies, view cache."""
         self._proxies: dict[str, Backend] = {}
-        self._membership = _NO_VIEW
+        self._route: _Route = (_NO_VIEW, {})
         self._local_lock = threading.Lock()
 
     # Attaching ---------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class Balancer:
 
     def _retry_limit(self) -> int:
         """Envoy's retry budget: retries under way may be 20% of calls in flight, at least 3."""
-        view = self._membership.view
+        view = self._route[0].view
         in_flight = sum(view.in_flight[slot] for slot in view.slots)
         return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
 
@@ -408,39 +408,40 @@ class Balancer:
             self._segment.claim_row(blocking)
         if state.unfinished:
             state.settle(blocking)
-        words, strategy, commit, clock = self._words, self._strategy, state.commit, state.clock
+        strategy, commit, clock = self._strategy, state.commit, state.clock
+        stale = False
         try:
             while True:
                 now = clock()
-                membership = self._membership
+                membership, proxies = self._route
                 view = membership.view
-                if view.version != words[H_VERSION] or now >= view.expires_ns:
-                    membership = self._refresh(now, blocking)
+                if stale or now >= view.expires_ns or not view.slots:
+                    membership, proxies = self._refresh(now, blocking)
                     view = membership.view
-                if not view.slots:
-                    reason = self._why_none() if blocking else "no eligible backend"
-                    raise NoBackendAvailable(reason)
-                cursor = words[H_CURSOR] if self._uses_cursor else -1
+                    if not view.slots:
+                        reason = self._why_none() if blocking else "no eligible backend"
+                        raise NoBackendAvailable(reason)
+                cursor = self._words[H_CURSOR] if self._uses_cursor else -1
                 slot = strategy.pick(view, cursor, key)
                 if exclude and slot in exclude:
                     slot, cursor = _least_loaded_except(view, exclude), -1
-                addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
-                if addr is None:
-                    raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
                 # The proxy exists before the call is counted: a factory that raises counts
                 # nothing.
-                proxy = self._proxies.get(addr)
+                proxy = proxies.get(slot)
                 if proxy is None:
-                    proxy = self._proxy(addr)
-                call[SLOT], call[PROXY], call[START] = slot, proxy, now
+                    proxy = self._proxy_of(slot, membership, proxies)
+                call[SLOT] = slot
+                call[PROXY] = proxy
+                call[START] = now if view.timed else 0
                 if commit(view.version, slot, cursor, call, blocking):
                     return
+                stale = True  # the membership changed since the view was built
         except ValueError:
             if self._closed or state.closed:  # closed by another thread meanwhile
                 raise SegmentError("this balancer is closed") from None
             raise
 
-    def _refresh(self, now: int, blocking: bool = True) -> Membership:
+    def _refresh(self, now: int, blocking: bool = True) -> _Route:
         if self._closed:
             raise SegmentError("this balancer is closed")
         state = self._state
@@ -449,7 +450,7 @@ class Balancer:
         membership = state.membership(
             now, blocking, WEIGHT_PERIOD_NS if self._uses_reports else None
         )
-        self._membership = membership
+        route = self._route = (membership, {})
         if blocking:
             _monitor.check(self._segment, now)
         if not self._proxies.keys() <= membership.live:
@@ -457,14 +458,23 @@ class Balancer:
                 gone = [self._proxies.pop(a) for a in self._proxies.keys() - membership.live]
             for proxy in gone:
                 _close_proxy(proxy)
-        return membership
+        return route
 
-    def _proxy(self, addr: str) -> Backend:
+    def _proxy_of(self, slot: int, membership: Membership, proxies: dict[int, Backend]) -> Backend:
+        """The proxy for the backend in `slot` of `membership`, made by the factory on first use
+        in this process; remembered by slot in `proxies`, which lives as long as the view."""
+        addrs = membership.addrs
+        addr = addrs[slot] if type(slot) is int and 0 <= slot < len(addrs) else None
+        if addr is None:
+            raise DispatcherError(
+                f"{self._strategy!r} chose {slot!r}, not one of {membership.view.slots}"
+            )
         with self._local_lock:
             proxy = self._proxies.get(addr)
             if proxy is None:
                 proxy = self._proxies[addr] = self._factory(addr)
-            return proxy
+        proxies[slot] = proxy
+        return proxy
 
     def _why_none(self) -> str:
         stats = self.snapshot()
@@ -595,8 +605,7 @@ class Balancer:
         if self._closed:
             return
         self._closed = True
-        self._words = _CLOSED_WORDS
-        self._membership = _NO_VIEW
+        self._route = (_NO_VIEW, {})
         with self._local_lock:
             proxies, self._proxies = self._proxies, {}
         try:

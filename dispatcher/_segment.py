@@ -273,7 +273,7 @@ class Segment:
                     f"processes; create the balancer with a larger max_workers"
                 )
             self._row = (row, pid, start)
-            state.own_row = state.row_base(row)
+            state.use_row(state.row_base(row))
             return state.own_row
 
     def after_fork(self) -> None:
@@ -308,7 +308,7 @@ class Segment:
                 row, pid, start = self._row
                 with contextlib.suppress(LockBusy):  # left to the monitor, once we are gone
                     self.state.reap(row, pid, start, timeout=CLOSE_WAIT_S)
-                self.state.own_row = -1
+                self.state.use_row(-1)
 
     def __enter__(self) -> Segment:
         return self

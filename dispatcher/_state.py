@@ -22,9 +22,10 @@ from array import array
 from collections.abc import Callable, Sequence
 from itertools import compress
 from time import monotonic_ns
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _layout as L
+from ._core import speedups
 from ._latency import (
     Counters,
     RecentWindow,
@@ -35,13 +36,16 @@ from ._latency import (
     percentiles_ns,
     sample_ns,
 )
-from ._layout import BUCKETS, H_CURSOR, H_LATENCY, H_LOCK_PID, H_VERSION, bucket_of
+from ._layout import BUCKETS, DRAINING, H_CURSOR, H_LATENCY, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
 from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, Weighing
 from ._policy import WARMTH_STEPS, EjectionPolicy
 from ._view import BackendStats, Membership, View
 from ._workers import is_alive
 from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
+
+if TYPE_CHECKING:
+    from ._speedups import HotPath
 
 SUCCESS = 0
 FAILURE = 1
@@ -113,6 +117,11 @@ class SharedState:
     across processes, in nanoseconds); tests replace it to move time at will.
     """
 
+    commit: Callable[[int, int, int, list[Any], bool], bool]
+    """Count a call on a slot: `_commit`, or the compiled core's (`_core`)."""
+    finish: Callable[..., None]
+    """Record a call's end: `_finish`, or the compiled core's (`_core`)."""
+
     def __init__(
         self,
         buffer: memoryview | bytearray,
@@ -169,6 +178,9 @@ class SharedState:
             recovery_fd=recovery_fd,
             behalf=behalf,
         )
+        self._hot = self._compiled(semaphore)
+        self.commit = self._commit if self._hot is None else self._hot.commit
+        self.finish = self._finish if self._hot is None else self._hot.finish
         self._refresh_lock()
         self.policy = EjectionPolicy()
         self.recent = RecentWindow()
@@ -179,11 +191,47 @@ class SharedState:
         self._views.append(part)
         return part
 
+    def _compiled(self, semaphore: Semaphore) -> HotPath | None:
+        """The compiled core's holds on this segment, if it is there and the lock is a named
+        semaphore (an unshared state's `threading.Lock` is not)."""
+        if speedups is None or not hasattr(semaphore, "handle"):
+            return None
+        hot: HotPath = speedups.HotPath(
+            buffer=self._buf,
+            semaphore=semaphore,
+            commit=self._commit,
+            finish=self._finish,
+            owner=self,
+            header=(H_LOCK_PID, H_VERSION, H_CURSOR),
+            columns=(
+                self._inflight,
+                self._gen,
+                self._state,
+                self._requests,
+                self._consecutive,
+                self._ewma,
+                self._stamp,
+                self._hist,
+            ),
+            capacity=self._c,
+            draining=DRAINING,
+            ended=ENDED,
+        )
+        return hot
+
     def _refresh_lock(self) -> None:
         """Cache what the two hot holds use, straight from the lock."""
         self._take = self.lock.take
         self._release = self.lock.release_semaphore
         self._pid = self.lock.pid
+        if self._hot is not None:
+            self._hot.pid = self._pid
+
+    def use_row(self, base: int) -> None:
+        """Count this process's calls in the worker row whose slot 0 is word `base` (-1: none)."""
+        self.own_row = base
+        if self._hot is not None:
+            self._hot.own_row = base
 
     def release_views(self) -> None:
         """Drop every view of the buffer, so the segment can be closed.
@@ -192,6 +240,8 @@ class SharedState:
         changes anything; the hot paths take that as "closed".
         """
         self.closed = True
+        if self._hot is not None:
+            self._hot.release()
         for view in reversed(self._views):
             view.release()
 
@@ -200,7 +250,7 @@ class SharedState:
         behind (an unshared state's `threading.Lock`)."""
         self.lock.use(semaphore or self.lock.semaphore)
         self._refresh_lock()
-        self.own_row = -1
+        self.use_row(-1)
         self.unfinished = []
 
     # Header ------------------------------------------------------------------------------
@@ -262,7 +312,7 @@ class SharedState:
 
     # The hot path ------------------------------------------------------------------------
 
-    def commit(
+    def _commit(
         self, version: int, slot: int, cursor: int, call: list[Any], blocking: bool = True
     ) -> bool:
         """Count `call` on `slot` if the view it was chosen from still holds; False if stale.
@@ -276,7 +326,7 @@ class SharedState:
         words = self._words
         counted = got = False
         box: list[bool] | None = None
-        # `lock.run`, written out: this and `finish` are the two holds of every call.
+        # `lock.run`, written out: this and `_finish` are the two holds of every call.
         try:
             got = self._take[False]
             if not got:
@@ -303,16 +353,16 @@ class SharedState:
         self._release()
         return counted
 
-    def finish(
+    def _finish(
         self,
         call: list[Any],
         outcome: int,
         blocking: bool = True,
         report: LoadReport | None = None,
     ) -> None:
-        """Record the end of a call counted by `commit`: in-flight down, outcome, and latency
-        (when the segment records it: `H_LATENCY`), and the load the backend reported with its
-        answer, if any.
+        """Record the end of a call counted by `commit`: in-flight down, outcome, latency (when
+        the call was timed: a start in ``call[START]``), and the load the backend reported
+        with its answer, if any.
 
         Once: ``call[GENERATION]`` becomes ENDED in the same hold, and a call already ended
         (or never counted) is left alone. A call whose slot was unregistered meanwhile leaves
@@ -323,18 +373,13 @@ class SharedState:
         if generation < 0:
             return
         words = self._words
-        try:
-            timed = words[H_LATENCY]
-        except ValueError:
-            call[GENERATION] = ENDED  # closed in this process: nothing left to record
-            return
-        plain = outcome == SUCCESS and not timed and report is None
-        if not plain:
-            end = self._end(slot, outcome, start, timed)
+        plain = outcome == SUCCESS and not start and report is None
         got = False
         box: list[bool] | None = None
-        # `lock.run`, written out: this and `commit` are the two holds of every call.
+        # `lock.run`, written out: this and `_commit` are the two holds of every call.
         try:
+            if not plain:
+                end = self._end(slot, outcome, start)
             got = self._take[False]
             if not got:
                 box = [False]
@@ -345,7 +390,7 @@ class SharedState:
                 words[self._inflight + slot] -= 1
                 words[self.own_row + slot] -= 1
                 call[GENERATION] = ENDED
-                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                if words[self._state + slot] == DRAINING and words[self._inflight + slot] == 0:
                     self._free(slot)  # the backend is gone: its last outcome goes with it
                 elif plain:
                     words[self._requests + slot] += 1
@@ -362,17 +407,18 @@ class SharedState:
                     pass
                 self._release()
             if isinstance(exc, ValueError) and self.closed:
-                call[GENERATION] = ENDED
+                call[GENERATION] = ENDED  # closed in this process: nothing left to record
                 return
             raise
         words[H_LOCK_PID] = 0
         self._release()
 
-    def _end(self, slot: int, outcome: int, start: int, timed: int) -> _End:
-        """What recording an end writes, worked out before the lock is taken."""
+    def _end(self, slot: int, outcome: int, start: int) -> _End:
+        """What recording an end writes, worked out before the lock is taken; `start` is 0 for
+        a call whose latency is not recorded."""
         now = self.clock()
         end = _End(now)
-        if timed:
+        if start:
             latency = now - start
             end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
             average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
@@ -407,8 +453,17 @@ class SharedState:
 
     def record_latency(self, on: bool = True) -> None:
         """Have every process record the latency of each call (histogram and peak EWMA), or
-        stop: what latency-aware strategies, dashboards and metrics read."""
-        self._words[H_LATENCY] = int(on)
+        stop: what latency-aware strategies, dashboards and metrics read. Calls chosen from a
+        view built after this are timed (`View.timed`): the new version makes every process
+        rebuild its view."""
+        words = self._words
+
+        def update() -> None:
+            if words[H_LATENCY] != on:
+                words[H_LATENCY] = int(on)
+                words[H_VERSION] += 1
+
+        self._locked(update)
 
     def end_later(self, call: list[Any], outcome: int) -> None:
         """Record `call`'s end, surely: queued first, so that an interrupt while it is being
@@ -597,6 +652,7 @@ class SharedState:
             clock=self.clock,
             members=tuple(rotation),
             reported=tuple(reported) if any(reported) else (),
+            timed=bool(self._words[H_LATENCY]),
         )
         picked = set(slots)
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]

@@ -30,9 +30,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate, chain
 from operator import add, itemgetter
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from ._checks import check_seconds
+from ._core import speedups
 from ._latency import FAILURE_PENALTY_NS, decayed
 from ._orca import BLACKOUT_NS, ERROR_PENALTY, REPORT_EXPIRY_NS, Weighing
 from ._view import View
@@ -318,6 +319,7 @@ class _Scan:
 
     __slots__ = (
         "current",
+        "fast",
         "floor",
         "idle",
         "order",
@@ -348,8 +350,20 @@ class _Scan:
         """Where the counts of every slot lie, when the all-idle check applies: on the shared
         counts (a memoryview), whose bytes compare in one step."""
         self.idle = bytes(8 * len(slots))
-        self.order = random.sample(slots, len(slots))
+        self.order = tuple(random.sample(slots, len(slots)))
         self.turn = 0
+        self.fast = None
+        """The compiled core's pick for the all-idle turn and the equal-weight scan, when it
+        runs (`_core`): the same choices, from the same tie-break state."""
+        if speedups is not None and self.span is not None:
+            self.fast = speedups.EqualScan(
+                lo=slots[0],
+                hi=slots[-1] + 1,
+                order=self.order,
+                current=self.current,
+                weight=self.weight,
+                floor=self.floor,
+            ).pick
 
     def follows(self, view: View) -> bool:
         """Whether this scan's structures still describe `view` (a rebuilt but equal view)."""
@@ -386,12 +400,11 @@ class LeastLoaded:
         if scan is None or scan.view is not view:
             scan = self._follow(view)
         span = scan.span
+        # `span` is set only when the counts are shared ones: a memoryview, with `tobytes`.
         if (
-            span is not None
-            and not view.penalized
-            and cast(memoryview, view.in_flight)[span].tobytes() == scan.idle
-        ):  # all idle: each in turn
-            turn = scan.turn
+            span is not None and not view.penalized and view.in_flight[span].tobytes() == scan.idle  # type: ignore[attr-defined]
+        ):
+            turn = scan.turn  # all idle: each in turn
             scan.turn = turn + 1
             return scan.order[turn % len(slots)]
         if scan.uniform:

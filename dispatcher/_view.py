@@ -44,6 +44,8 @@ class View:
     built from, so that ejections only mask its points. Empty: the same as `slots`."""
     reported: Sequence[float] = ()
     """Weights computed from the backends' own load reports (0.0: none known yet)."""
+    timed: bool = False
+    """Whether calls chosen from this view have their latency recorded (`record_latency`)."""
 
 
 @dataclass(frozen=True, slots=True)
