@@ -74,10 +74,18 @@ _CLOSED_WORDS[H_VERSION] = L.CLOSED
 
 _balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
 
-_shared: dict[tuple[str, str | None, BackendFactory], Balancer] = {}
-"""This process's `Balancer.shared` balancers, kept open until it exits; a forked child
-inherits them, so it shares its parent's."""
-_shared_lock = threading.Lock()
+
+class _Shared:
+    """This process's `Balancer.shared` balancers, kept open until it exits; a forked child
+    inherits them, so it shares its parent's (with a fresh lock: another thread may have
+    held this one at the fork)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.balancers: dict[tuple[str, str | None, BackendFactory], Balancer] = {}
+
+
+_shared = _Shared()
 _checked_siblings_in = [-1]
 """The process that last looked for sibling workers (`_warn_if_unshared_worker`)."""
 
@@ -224,8 +232,8 @@ class Balancer:
         )
         wanted = _Wanted(name, layout, policy, strategy, parsed, health_check)
         key = (name, scope, backend_factory)
-        with _shared_lock:
-            found = _shared.get(key)
+        with _shared.lock:
+            found = _shared.balancers.get(key)
             if found is not None and not found.closed and not found._segment.closed_by_owner:
                 wanted.compare(found._segment)
                 found._segment.claim_row()
@@ -246,17 +254,16 @@ class Balancer:
                 _monitor.configure(segment, health_check)
                 _monitor.start(segment.name, detach=True, announce=True)
 
-            segment, created = Segment.shared(where, create, start)
+            segment, created = Segment.shared(where, create, start, wanted.compare)
             try:
                 if not created:
-                    wanted.compare(segment)
                     _monitor.check(segment, segment.state.clock())
                 balancer = cls.__new__(cls)
                 balancer._setup(segment, strategy, chosen, backend_factory)
             except BaseException:
                 segment.close()
                 raise
-            _shared[key] = balancer
+            _shared.balancers[key] = balancer
         if created:
             log.info("shared balancer %r created as %s", name, segment.name)
         return balancer
@@ -870,6 +877,7 @@ def _give_back(state: SharedState) -> Callable[[bool], None]:
 
 
 def _after_fork_in_child() -> None:
+    _shared.lock = threading.Lock()
     for balancer in open_balancers():
         balancer._reset_process()
 

@@ -84,6 +84,7 @@ def start(name: str, *, detach: bool = False, announce: bool = False) -> subproc
         + (["--detach"] if detach else [])
         + (["--announce"] if announce else []),
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # it logs to stderr, where its starter's messages go
         close_fds=True,
         start_new_session=True,  # Ctrl-C in a terminal is the owner's to handle, not ours
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},

@@ -34,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import stat
@@ -135,6 +136,8 @@ class Recorded:
     addrs_digest: int
     spec: bytes
 
+
+log = logging.getLogger("dispatcher")
 
 _registry_lock = threading.Lock()
 _open: dict[str, Segment] = {}
@@ -238,14 +241,18 @@ class Segment:
         scope: Scope,
         create: Callable[[], Segment],
         start: Callable[[Segment], None],
+        check: Callable[[Segment], None],
     ) -> tuple[Segment, bool]:
         """The segment of `scope`, and whether this call made it; this process holds a worker
         row in it on return.
 
         Under the scope's creation lock: the segment its file names, if that one is still
-        open, or else a new one from `create`, with its row claimed and `start` (its monitor)
-        done before its name is written, so the monitor never finds it unheld and no other
-        process finds it half made.
+        open and passes `check` (which raises if it was made with other options), or else a
+        new one from `create`, with its row claimed and `start` (its monitor) done before its
+        name is written, so the monitor never finds it unheld and no other process finds it
+        half made. A segment that fails `check` is replaced if no live process holds it (a
+        server restarted with new options, as ``uvicorn --reload`` does), else the error
+        stands.
         """
         fd = _take_creation_lock(scope.lock_path)
         try:
@@ -255,8 +262,11 @@ class Segment:
                     segment = cls.open(found)
                     try:
                         if segment.scope_key == scope.key and not segment.closed_by_owner:
+                            _check_or_replace(segment, check, fd)
                             segment.claim_row()
                             return segment, False
+                    except _Replaced:
+                        pass
                     except BaseException:
                         segment.close()
                         raise
@@ -424,12 +434,20 @@ class Segment:
                 calls += counted
         return dead, calls
 
-    def remove_unheld(self, *, force: bool = False, lock_fd: int | None = None) -> bool:
+    def remove_unheld(
+        self,
+        *,
+        force: bool = False,
+        lock_fd: int | None = None,
+        keep_creation_lock: bool = False,
+    ) -> bool:
         """A shared segment's end: if no live process holds a worker row in it (or `force`),
-        mark it closed and remove its names (segment, lock, creation lock); return whether
-        it did. Under its creation lock, so that no process joins it meanwhile; a creation
-        lock held elsewhere means someone is joining: try again later (return False).
-        `lock_fd`: this process holds the creation lock already, on that descriptor.
+        mark it closed and remove its names (segment, lock, and its creation lock if that
+        still names it or nothing, unless `keep_creation_lock`); return whether it did.
+
+        Under its creation lock, so that no process joins it meanwhile; a creation lock held
+        elsewhere means someone is joining: try again later (return False). `lock_fd`: this
+        process holds the creation lock already, on that descriptor.
         """
         path = f"{SHM_DIR}/{SCOPE_PREFIX}{self.scope_key.hex()}"
         fd = lock_fd
@@ -450,7 +468,11 @@ class Segment:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{SHM_DIR}/{self.name}")
             unlink_semaphore(self._lock_name, tracked=False)
-            if fd is not None and _read_creation_lock(fd) in ("", self.name):
+            if (
+                fd is not None
+                and not keep_creation_lock
+                and _read_creation_lock(fd) in ("", self.name)
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             return True
@@ -662,6 +684,28 @@ def _create_shm(size: int, tracked: bool = True) -> tuple[shared_memory.SharedMe
         _unlink_shm(shm, tracked)
         raise
     return shm, fd
+
+
+class _Replaced(Exception):
+    """A shared segment made with other options, held by nobody, was removed."""
+
+
+def _check_or_replace(segment: Segment, check: Callable[[Segment], None], fd: int) -> None:
+    """`check(segment)`; if it raises and no live process holds the segment, remove it (the
+    creation lock, held on `fd`, stays: the caller writes a new name in it) and raise
+    `_Replaced`."""
+    try:
+        check(segment)
+    except DispatcherError:
+        if not segment.remove_unheld(lock_fd=fd, keep_creation_lock=True):
+            raise
+        log.warning(
+            "%s: removed the shared balancer %r: made with other options, and no process "
+            "holds it any more (a server restarted with new options?)",
+            segment.name,
+            segment.shared_name,
+        )
+        raise _Replaced from None
 
 
 def _unlink_shm(shm: shared_memory.SharedMemory, tracked: bool) -> None:

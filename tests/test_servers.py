@@ -16,6 +16,7 @@ import contextlib
 import http.server
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -373,9 +374,14 @@ def test_gunicorn_hup_keeps_the_balancer_and_its_counts(
 # uvicorn --workers ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("workers", "stop"), [(2, signal.SIGINT), (1, signal.SIGTERM)], ids=["ctrl-c", "sigterm"]
+)
 def test_uvicorn_workers_attach_by_the_name_in_the_environment(
-    tmp_path: Path, backends: Callable[..., Backend]
+    tmp_path: Path, backends: Callable[..., Backend], workers: int, stop: int
 ) -> None:
+    """`shared_balancer` around `uvicorn.run`: with one worker, uvicorn serves in the
+    launcher and re-raises SIGTERM once done, killing it before any cleanup could run."""
     addrs = [backends().addr, backends().addr]
     port = free_port()
     script = tmp_path / "serve.py"
@@ -388,32 +394,37 @@ def test_uvicorn_workers_attach_by_the_name_in_the_environment(
             if __name__ == "__main__":
                 with shared_balancer({addrs!r}, strategy="least_loaded"):
                     uvicorn.run(
-                        "tests.helpers:asgi_app", host="127.0.0.1", port={port}, workers=2,
-                        log_level="warning",
+                        "tests.helpers:asgi_app", host="127.0.0.1", port={port},
+                        workers={workers}, log_level="warning",
                     )
             """
         )
     )
     server = Server([sys.executable, str(script)], port, tmp_path / "uvicorn.log")
+    shared: Shared | None = None
     try:
         name = server.wait_ready()
-        # One worker may answer before the other is up: call until both have answered.
+        shared = Shared(name)
+        # One worker may answer before the other is up: call until all have answered.
         served: list[tuple[int, str]] = []
 
-        def both_answered() -> bool:
+        def all_answered() -> bool:
             served.extend(server.drive("/call", 10))
-            return len({pid for pid, _ in served}) == 2
+            return len({pid for pid, _ in served}) == workers
 
-        wait_for(both_answered, 30, what="both workers to answer")
+        wait_for(all_answered, 30, what="every worker to answer")
         served += server.drive("/call", 60)
         requests, in_flight = totals(name)
         assert sum(requests.values()) == len(served) >= 70
         assert in_flight == 0
-        assert len({pid for pid, _ in served}) == 2
     finally:
-        code = server.stop(signal.SIGINT)
-    assert code == 0, server.output()
-    assert name not in live_segments()
+        code = server.stop(stop)
+    assert code == (0 if stop == signal.SIGINT else -stop), server.output()
+    assert shared is not None
+    try:
+        check_removed(shared, server.log.read_text, reclaimed=0)
+    finally:
+        shared.close()
 
 
 # Balancer.shared: any pre-fork server, no hooks -----------------------------------------------
@@ -468,11 +479,20 @@ def kill_mid_call(shared: Shared, backend: Backend, hold: Callable[[], object]) 
     return victim
 
 
-def check_removed(shared: Shared, output: str) -> None:
-    """After the server stopped: nothing of the segment left, no resource-tracker warning."""
+def check_removed(shared: Shared, output: Callable[[], str], reclaimed: int = 1) -> None:
+    """After the server stopped: nothing of the segment left, no resource-tracker warning; the
+    monitor (its output goes where the worker that made the segment wrote) named the segment
+    once, and said "reclaimed" only for the `reclaimed` killed worker(s) that had a call in
+    flight, not for the others that died with none."""
     wait_for(lambda: not shared.left(), REMOVED_S, what=f"{shared.left()} to be removed")
     assert shared.segment.closed_by_owner
-    assert "leaked" not in output, output  # the resource tracker's warning
+    name = shared.segment.name
+    text = output()
+    assert "leaked" not in text, text  # the resource tracker's warning
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} dispatcher monitor \d+"
+    assert len(re.findall(rf"^{stamp}: {name}: balancer shared as ", text, re.M)) == 1, text
+    line = rf"^{stamp}: {name}: reclaimed 1 call in flight from \d+ dead workers?$"
+    assert len(re.findall(line, text, re.M)) == text.count("reclaimed") == reclaimed, text
 
 
 SHARED_APP = {"asgi": "tests.server_apps:asgi_app", "wsgi": "tests.server_apps:wsgi_app"}
@@ -551,7 +571,7 @@ def test_one_shared_balancer_per_server_reclaims_a_killed_workers_call_and_goes_
         backend.release.set()
     assert shared is not None
     try:
-        check_removed(shared, server.output())
+        check_removed(shared, server.log.read_text)
     finally:
         shared.close()
 
@@ -593,22 +613,24 @@ def test_multiprocessing_pool_workers_share_one_balancer(
         "PYTHONWARNINGS": "ignore",
         server_apps.BACKENDS_VAR: backend.addr,
     }
-    process = subprocess.Popen(
-        [sys.executable, str(script), method],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log = tmp_path / "pool.log"
+    with open(log, "wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, str(script), method],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            start_new_session=True,
+        )
     assert process.stdin is not None and process.stdout is not None
     shared: Shared | None = None
     try:
         lines = iter(process.stdout.readline, "")
         ready = next((line for line in lines if line.startswith("ready ")), "")
-        assert ready, process.communicate(timeout=30)[0]
+        assert ready, log.read_text()
         shared = Shared(ready.split()[2])
 
         def hold() -> None:
@@ -618,8 +640,7 @@ def test_multiprocessing_pool_workers_share_one_balancer(
 
         kill_mid_call(shared, backend, hold)
         process.stdin.close()  # the script's normal end: the pool is terminated
-        output = process.stdout.read()
-        assert process.wait(30) == 0, output
+        assert process.wait(30) == 0, log.read_text()
     finally:
         backend.release.set()
         with contextlib.suppress(ProcessLookupError):
@@ -627,7 +648,7 @@ def test_multiprocessing_pool_workers_share_one_balancer(
         process.wait(10)
         process.stdout.close()
     try:
-        check_removed(shared, output)
+        check_removed(shared, log.read_text)
     finally:
         shared.close()
 
@@ -716,6 +737,6 @@ def test_celery_prefork_workers_share_one_balancer(
         backend.release.set()
     assert shared is not None
     try:
-        check_removed(shared, server.output())
+        check_removed(shared, server.log.read_text)
     finally:
         shared.close()
