@@ -250,11 +250,17 @@ class Balancer:
                     digests=(wanted.strategy_digest, wanted.addrs_digest),
                 )
 
+            started: list[subprocess.Popen[bytes]] = []
+
             def start(segment: Segment) -> None:
                 _monitor.configure(segment, health_check)
-                _monitor.start(segment.name, detach=True, announce=True)
+                started.append(_monitor.start(segment.name, detach=True, announce=True, wait=False))
 
-            segment, created = Segment.shared(where, create, start, wanted.compare)
+            try:
+                segment, created = Segment.shared(where, create, start, wanted.compare)
+            finally:
+                for process in started:  # the monitor's first process: it forks and exits
+                    process.wait()
             try:
                 if not created:
                     _monitor.check(segment, segment.state.clock())

@@ -13,8 +13,8 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
     |  lock holder,      | latency histogram: c x BUCKETS words            |
     |  policy, retries,  +-------------------------------------------------+
     |  names, monitor,   | addresses: c x 256 bytes (length byte + ASCII)  |
-    |  monitor's spec    +-------------------------------------------------+
-    |                    | worker rows: w x (PID, START, RETRIES,          |
+    |  scope, digests,   +-------------------------------------------------+
+    |  monitor's spec    | worker rows: w x (PID, START, RETRIES,          |
     |                    |                   IN_FLIGHT[c])                 |
     +--------------------+-------------------------------------------------+
 

@@ -1,7 +1,7 @@
 """The segment's background work, in a small process of its own, and who restarts it.
 
 Two jobs need doing with no traffic at all: reclaiming the in-flight counts of workers that
-died (within a second, without waiting for the next call), and active health checks. They
+died (within half a second, without waiting for the next call), and active health checks. They
 run in one monitor process per segment, started with `subprocess` (a fresh interpreter: no
 fork of a threaded process, no re-import of the owner's ``__main__``), which opens the
 segment as ``top`` does, with a `Segment` handle: it never picks, so it claims no worker row.
@@ -72,12 +72,16 @@ def configure(segment: Segment, health: HealthCheck | None) -> None:
     words[L.H_MONITOR] = 1
 
 
-def start(name: str, *, detach: bool = False, announce: bool = False) -> subprocess.Popen[bytes]:
+def start(
+    name: str, *, detach: bool = False, announce: bool = False, wait: bool = True
+) -> subprocess.Popen[bytes]:
     """Start a monitor for segment `name`.
 
     `detach` (a shared segment's guardian, a restart by a worker): the monitor forks once more
     and its first process exits at once, so it outlives the worker that started it and is
-    nobody's zombie. `announce`: it logs the segment's name once (at creation).
+    nobody's zombie; that first process is waited for unless not `wait` (the caller then
+    waits for it, once it has released what others wait for). `announce`: the monitor logs
+    the segment's name once (at creation).
     """
     process = subprocess.Popen(
         [sys.executable, "-c", "from dispatcher._monitor import main; main()", name]
@@ -89,7 +93,7 @@ def start(name: str, *, detach: bool = False, announce: bool = False) -> subproc
         start_new_session=True,  # Ctrl-C in a terminal is the owner's to handle, not ours
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
-    if detach:
+    if detach and wait:
         process.wait()
     return process
 
