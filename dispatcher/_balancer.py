@@ -270,9 +270,7 @@ class Balancer:
                 segment.close()
                 raise
             _shared.balancers[key] = balancer
-        if created:
-            log.info("shared balancer %r created as %s", name, segment.name)
-        return balancer
+        return balancer  # its monitor logs the segment's name once, at creation
 
     # Attaching ---------------------------------------------------------------------------
 

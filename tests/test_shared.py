@@ -10,6 +10,7 @@ test that makes a shared balancer starts its guardian, so all are marked ``monit
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import pickle
@@ -396,6 +397,16 @@ def test_a_dead_guardian_of_an_orphaned_segment_is_replaced_and_removes_it(
         server.stdout.close()
         assert server.stderr is not None
         server.stderr.close()
+
+
+def test_a_balancer_with_an_owner_logs_its_segment_name_once_at_creation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dispatcher"):
+        with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
+            balancer.invoke(None)
+        named = [r.getMessage() for r in caplog.records if balancer.name in r.getMessage()]
+    assert named == [f"balancer {balancer.name} created, owned by process {os.getpid()}"]
 
 
 # The warning --------------------------------------------------------------------------------
