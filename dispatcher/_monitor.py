@@ -253,14 +253,10 @@ class Guard:
             return False
         if self.idle_since is None:
             self.idle_since = now
-        server_gone = not self.owner or not is_alive(self.owner, self.owner_start)
-        due = (
-            (server_gone and self.owner)
-            or now - self.idle_since >= IDLE_S
-            or self.stop_by is not None
-        )
+        parent_gone = bool(self.owner) and not is_alive(self.owner, self.owner_start)
+        due = parent_gone or now - self.idle_since >= IDLE_S or self.stop_by is not None
         if due and self.segment.remove_unheld():
-            log.info("%s: removed: no process of its server is left", self.segment.name)
+            log.info("%s: removed: no process of its server holds it", self.segment.name)
             return True
         return False
 
