@@ -179,8 +179,8 @@ def membership(segment: Segment, kind: str, addr: str, reason: str) -> None:
     report(Event(kind, addr, reason, None, segment.name), listener(segment))
 
 
-def reap(segment: Segment, *, blocking: bool = True) -> int:
-    """`Segment.reap`, reporting each dead worker whose calls this process reclaimed."""
+def reap(segment: Segment, *, blocking: bool = True) -> tuple[int, int]:
+    """`Segment.reclaim`, reporting each dead worker this process reaped."""
     on_event = listener(segment)
 
     def reaped(pid: int, start: int, calls: int) -> None:
@@ -189,7 +189,7 @@ def reap(segment: Segment, *, blocking: bool = True) -> int:
             Event(
                 REAPED,
                 "",
-                f"it died; reclaimed its {calls} call(s) in flight (it had run {_span(ran)})",
+                f"it died with {calls} call(s) in flight, now taken off (it had run {_span(ran)})",
                 ran,
                 segment.name,
                 worker=pid,
@@ -197,7 +197,7 @@ def reap(segment: Segment, *, blocking: bool = True) -> int:
             on_event,
         )
 
-    return segment.reap(blocking=blocking, reaped=reaped)
+    return segment.reclaim(blocking=blocking, reaped=reaped)
 
 
 @dataclass

@@ -225,7 +225,7 @@ def plot(results: Sequence[Result], path: Path, workers: int) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
-        print("matplotlib is not installed (pip install 'dispatcher[bench]'): no plot written")
+        print("matplotlib is not installed (pip install 'dispatcher-lb[bench]'): no plot written")
         return
     chosen = [r for r in results if r.workers == workers and r.name in ("ideal", *LOAD_AWARE)]
     colours = {"ideal": "black", "least_loaded": "C0", "power_of_two": "C1", "peak_ewma": "C2"}

@@ -149,6 +149,7 @@ SAMPLES: dict[str, Callable[[], BaseException]] = {
     "BackendError": lambda: errors.BackendError("h:1", "HTTP 503", status=503),
     "DuplicateBackend": lambda: errors.DuplicateBackend("h:1"),
     "UnknownBackend": lambda: errors.UnknownBackend("h:1"),
+    "OptionMismatch": lambda: errors.OptionMismatch("api", "capacity", "16", "8"),
 }
 """Errors whose constructor takes more than a message."""
 
