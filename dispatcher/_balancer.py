@@ -519,20 +519,17 @@ class Balancer:
         counted nothing, instead of waiting for a lock that stays taken.
         """
         state = self._state
-        if state.own_row < 0:
-            self._live_state()
-            self._segment.claim_row(blocking)
         if state.unfinished:
             state.settle(blocking)
         strategy, commit, clock = self._strategy, state.commit, state.clock
-        stale = False
+        route = self._route
         try:
             while True:
                 now = clock()
-                membership, proxies = self._route
+                membership, proxies = route
                 view = membership.view
-                if stale or now >= view.expires_ns or not view.slots:
-                    membership, proxies = self._refresh(now, blocking)
+                if now >= view.expires_ns:  # a view with no slot has expired already
+                    membership, proxies = route = self._refresh(now, blocking)
                     view = membership.view
                     if not view.slots:
                         reason = self._why_none() if blocking else "no eligible backend"
@@ -543,24 +540,29 @@ class Balancer:
                     slot, cursor = _least_loaded_except(view, exclude), -1
                 # The proxy exists before the call is counted: a factory that raises counts
                 # nothing.
-                proxy = proxies.get(slot)
-                if proxy is None:
+                try:
+                    proxy = proxies[slot]
+                except KeyError:
                     proxy = self._proxy_of(slot, membership, proxies)
                 call[SLOT] = slot
                 call[PROXY] = proxy
                 call[START] = now if view.timed else 0
                 if commit(view.version, slot, cursor, call, blocking):
                     return
-                stale = True  # the membership changed since the view was built
+                # The membership changed since the view was built: build it again.
+                route = self._refresh(now, blocking)
         except ValueError:
             if self._closed or state.closed:  # closed by another thread meanwhile
                 raise SegmentError("this balancer is closed") from None
             raise
 
     def _refresh(self, now: int, blocking: bool = True) -> _Route:
+        """This process's route from a new view; claims a worker row on its first call."""
         if self._closed:
             raise SegmentError("this balancer is closed")
         state = self._state
+        if state.own_row < 0:
+            self._segment.claim_row(blocking)
         if self._uses_reports:
             state.weigh_reports(self._strategy.weighing, now, blocking)  # type: ignore[attr-defined]
         membership = state.membership(

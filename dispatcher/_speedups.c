@@ -45,6 +45,7 @@ typedef struct {
     Py_ssize_t in_flight, generation, state, requests, consecutive, ewma, stamp, histogram;
     Py_ssize_t capacity;
     int64_t draining;
+    Py_ssize_t t_slot, t_generation, t_start, t_size; /* where a call's ticket keeps what */
     Py_ssize_t own_row;
     int64_t pid;
 } HotPath;
@@ -70,18 +71,25 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {
         "buffer", "semaphore", "commit", "finish", "owner", "header", "columns", "capacity",
-        "draining", "ended", NULL};
+        "draining", "ended", "ticket", NULL};
     PyObject *buffer, *semaphore, *commit, *finish, *owner, *ended;
     Py_ssize_t capacity;
     long long draining;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "$OOOOO(nnn)(nnnnnnnn)nLO!", names, &buffer, &semaphore, &commit,
+            args, kwds, "$OOOOO(nnn)(nnnnnnnn)nLO!(nnn)", names, &buffer, &semaphore, &commit,
             &finish, &owner, &self->h_lock_pid, &self->h_version, &self->h_cursor,
             &self->in_flight, &self->generation, &self->state, &self->requests,
             &self->consecutive, &self->ewma, &self->stamp, &self->histogram, &capacity,
-            &draining, &PyLong_Type, &ended)) {
+            &draining, &PyLong_Type, &ended, &self->t_slot, &self->t_generation,
+            &self->t_start)) {
         return -1;
     }
+    if (self->t_slot < 0 || self->t_generation < 0 || self->t_start < 0) {
+        PyErr_SetString(PyExc_ValueError, "ticket indices must be >= 0");
+        return -1;
+    }
+    self->t_size = 1 + (self->t_slot > self->t_generation ? self->t_slot : self->t_generation);
+    self->t_size = self->t_size > self->t_start ? self->t_size : self->t_start + 1;
     if (self->words != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "HotPath is already initialised");
         return -1;
@@ -205,7 +213,8 @@ HotPath_commit(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
         goto python;
     }
     PyObject *call = args[3];
-    if (!PyList_CheckExact(call) || PyList_GET_SIZE(call) < 4 || as_int64(args[0], &version) ||
+    if (!PyList_CheckExact(call) || PyList_GET_SIZE(call) < self->t_size ||
+        as_int64(args[0], &version) ||
         as_int64(args[1], &slot) || as_int64(args[2], &cursor) || slot < 0 ||
         slot >= self->capacity || cursor == INT64_MAX) {
         goto python;
@@ -236,8 +245,8 @@ HotPath_commit(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
         }
         w[self->own_row + slot] += 1;
         w[self->in_flight + slot] += 1;
-        old = PyList_GET_ITEM(call, 1);
-        PyList_SET_ITEM(call, 1, counted_generation);
+        old = PyList_GET_ITEM(call, self->t_generation);
+        PyList_SET_ITEM(call, self->t_generation, counted_generation);
         counted_generation = NULL;
     }
     give_back(self);
@@ -324,19 +333,20 @@ HotPath_finish(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
         goto python;
     }
     PyObject *call = args[0];
-    if (!PyList_CheckExact(call) || PyList_GET_SIZE(call) < 4 || as_int64(args[1], &outcome) ||
-        outcome != 0) {
+    if (!PyList_CheckExact(call) || PyList_GET_SIZE(call) < self->t_size ||
+        as_int64(args[1], &outcome) || outcome != 0) {
         goto python;
     }
-    PyObject *ticket = PyList_GET_ITEM(call, 1);
-    if (as_int64(PyList_GET_ITEM(call, 0), &slot) || as_int64(ticket, &generation) ||
-        as_int64(PyList_GET_ITEM(call, 3), &start) || slot < 0 || slot >= self->capacity) {
+    PyObject *ticket = PyList_GET_ITEM(call, self->t_generation);
+    if (as_int64(PyList_GET_ITEM(call, self->t_slot), &slot) || as_int64(ticket, &generation) ||
+        as_int64(PyList_GET_ITEM(call, self->t_start), &start) || slot < 0 ||
+        slot >= self->capacity) {
         goto python;
     }
     if (generation < 0) {
         Py_RETURN_NONE;
     }
-    Py_INCREF(ticket); /* so that `call[1] is ticket` below means it was left alone */
+    Py_INCREF(ticket); /* so that finding it in the call below means it was left alone */
     int64_t now = 0, bucket = -1;
     double ewma = 0.0;
     if (start != 0) {
@@ -364,7 +374,8 @@ HotPath_finish(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
     }
     int64_t *w = self->words;
     w[self->h_lock_pid] = self->pid;
-    int ours = PyList_GET_ITEM(call, 1) == ticket && w[self->generation + slot] == generation;
+    int ours = PyList_GET_ITEM(call, self->t_generation) == ticket &&
+               w[self->generation + slot] == generation;
     if (ours && w[self->state + slot] == self->draining) {
         give_back(self); /* the backend is leaving: the Python path frees its slot */
         Py_DECREF(ticket);
@@ -375,8 +386,8 @@ HotPath_finish(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
         w[self->own_row + slot] -= 1;
     }
     Py_INCREF(self->ended);
-    PyObject *old = PyList_GET_ITEM(call, 1);
-    PyList_SET_ITEM(call, 1, self->ended);
+    PyObject *old = PyList_GET_ITEM(call, self->t_generation);
+    PyList_SET_ITEM(call, self->t_generation, self->ended);
     if (ours) {
         w[self->requests + slot] += 1;
         if (bucket >= 0) {
@@ -473,52 +484,60 @@ static PyTypeObject HotPathType = {
 
 /* EqualScan ------------------------------------------------------------------------------- */
 
-/* `LeastLoaded.pick` over contiguous slots of equal weight with no penalties: the all-idle
- * turn and `_least_loaded_equal`, on the same tie-break state. */
+/* `LeastLoaded.pick` over contiguous slots of equal weight with no penalties: the least
+ * loaded, ties taken in turn from `turns[0]` (shared with the Python path) onwards. */
 typedef struct {
     PyObject_HEAD
     Py_ssize_t lo, hi;
-    PyObject *order;    /* tuple of slots: the all-idle turn */
-    PyObject *current;  /* list of floats by slot, shared with the Python path */
-    double weight, floor;
-    unsigned long long turn;
+    PyObject *turns;    /* a writable buffer of one int64: the tie-break position */
+    Py_buffer turn;
 } EqualScan;
 
 static int
 EqualScan_init(EqualScan *self, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"lo", "hi", "order", "current", "weight", "floor", NULL};
-    PyObject *order, *current;
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "$nnO!O!dd", names, &self->lo, &self->hi, &PyTuple_Type, &order,
-            &PyList_Type, &current, &self->weight, &self->floor)) {
+    static char *names[] = {"lo", "hi", "turns", NULL};
+    PyObject *turns;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$nnO", names, &lo, &hi, &turns)) {
         return -1;
     }
-    Py_ssize_t n = self->hi - self->lo;
-    if (self->lo < 0 || n < 2 || PyTuple_GET_SIZE(order) != n ||
-        PyList_GET_SIZE(current) < self->hi) {
-        PyErr_SetString(PyExc_ValueError, "EqualScan: inconsistent slots");
+    if (self->turns != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "EqualScan is already initialised");
         return -1;
     }
-    Py_XSETREF(self->order, Py_NewRef(order));
-    Py_XSETREF(self->current, Py_NewRef(current));
-    self->turn = 0;
+    if (lo < 0 || hi - lo < 2) {
+        PyErr_SetString(PyExc_ValueError, "EqualScan: fewer than two slots");
+        return -1;
+    }
+    if (PyObject_GetBuffer(turns, &self->turn, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return -1;
+    }
+    if (self->turn.len < 8 || ((uintptr_t)self->turn.buf % 8) != 0) {
+        PyBuffer_Release(&self->turn);
+        PyErr_SetString(PyExc_ValueError, "turns must hold one aligned int64");
+        return -1;
+    }
+    self->lo = lo;
+    self->hi = hi;
+    self->turns = Py_NewRef(turns);
     return 0;
 }
 
 static int
 EqualScan_traverse(EqualScan *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->order);
-    Py_VISIT(self->current);
+    Py_VISIT(self->turns);
     return 0;
 }
 
 static int
 EqualScan_clear(EqualScan *self)
 {
-    Py_CLEAR(self->order);
-    Py_CLEAR(self->current);
+    if (self->turns != NULL) {
+        PyBuffer_Release(&self->turn);
+        Py_CLEAR(self->turns);
+    }
     return 0;
 }
 
@@ -530,153 +549,53 @@ EqualScan_dealloc(EqualScan *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int
-float_at(PyObject *list, Py_ssize_t i, double *out)
-{
-    if (i >= PyList_GET_SIZE(list)) {
-        PyErr_SetString(PyExc_IndexError, "tie-break state shorter than the slots");
-        return -1;
-    }
-    PyObject *item = PyList_GET_ITEM(list, i);
-    if (!PyFloat_CheckExact(item)) {
-        PyErr_SetString(PyExc_TypeError, "tie-break state holds a non-float");
-        return -1;
-    }
-    *out = PyFloat_AS_DOUBLE(item);
-    return 0;
-}
-
-static int
-set_float(PyObject *list, Py_ssize_t i, double value)
-{
-    PyObject *item = PyFloat_FromDouble(value);
-    if (item == NULL) {
-        return -1;
-    }
-    return PyList_SetItem(list, i, item);
-}
-
-/* The first greatest value of `current` and where it is (`max` and `list.index`). */
-static int
-top_of(PyObject *current, Py_ssize_t *at, double *top)
-{
-    Py_ssize_t size = PyList_GET_SIZE(current);
-    *at = -1;
-    *top = 0.0;
-    for (Py_ssize_t i = 0; i < size; i++) {
-        double value;
-        if (float_at(current, i, &value) < 0) {
-            return -1;
-        }
-        if (*at < 0 || value > *top) {
-            *at = i;
-            *top = value;
-        }
-    }
-    return 0;
-}
-
-static PyObject *
-EqualScan_pick(EqualScan *self, int64_t *counts)
-{
-    Py_ssize_t n = self->hi - self->lo;
-    int64_t low = counts[0]; /* as the Python path: 0 if any is idle, else the least */
-    for (Py_ssize_t i = 1; i < n && low != 0; i++) {
-        if (counts[i] == 0 || counts[i] < low) {
-            low = counts[i] == 0 ? 0 : counts[i];
-        }
-    }
-    Py_ssize_t first = -1, ties = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (counts[i] == low) {
-            first = first < 0 ? i : first;
-            ties++;
-        }
-    }
-    if (low == 0 && ties == n) { /* all idle: each in turn */
-        PyObject *slot = PyTuple_GET_ITEM(self->order, (Py_ssize_t)(self->turn % n));
-        self->turn++;
-        return Py_NewRef(slot);
-    }
-    if (ties == 1) {
-        return PyLong_FromSsize_t(self->lo + first);
-    }
-    PyObject *current = self->current;
-    double spent = self->weight * (double)ties;
-    if (ties == n) {
-        Py_ssize_t slot;
-        double top, value;
-        if (top_of(current, &slot, &top) < 0 || set_float(current, slot, top - spent) < 0) {
-            return NULL;
-        }
-        if (top - spent < self->floor) { /* keep the values small enough to compare exactly */
-            Py_ssize_t unused;
-            if (top_of(current, &unused, &top) < 0) {
-                return NULL;
-            }
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(current); i++) {
-                if (float_at(current, i, &value) < 0 || set_float(current, i, value - top) < 0) {
-                    return NULL;
-                }
-            }
-        }
-        return PyLong_FromSsize_t(slot);
-    }
-    Py_ssize_t chosen = self->lo;
-    double top = -INFINITY;
-    for (Py_ssize_t i = first; i < n; i++) {
-        if (counts[i] != low) {
-            continue;
-        }
-        double value;
-        if (float_at(current, self->lo + i, &value) < 0 ||
-            set_float(current, self->lo + i, value + self->weight) < 0) {
-            return NULL;
-        }
-        if (value + self->weight > top) {
-            chosen = self->lo + i;
-            top = value + self->weight;
-        }
-    }
-    double value;
-    if (float_at(current, chosen, &value) < 0 || set_float(current, chosen, value - spent) < 0) {
-        return NULL;
-    }
-    return PyLong_FromSsize_t(chosen);
-}
-
 /* pick(in_flight) -> slot: the calls in flight by slot, as a buffer of int64. */
 static PyObject *
-EqualScan_call(EqualScan *self, PyObject *in_flight)
+EqualScan_pick(EqualScan *self, PyObject *in_flight)
 {
+    if (self->turns == NULL) {
+        PyErr_SetString(PyExc_ValueError, "EqualScan is not initialised");
+        return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(in_flight, &view, PyBUF_C_CONTIGUOUS) < 0) {
         return NULL;
     }
-    Py_ssize_t n = self->hi - self->lo;
     if (view.len < self->hi * 8) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "fewer counts than slots");
         return NULL;
     }
-    /* One copy, so that counts other processes change meanwhile are read once. */
-    int64_t small[256];
-    int64_t *counts = n <= 256 ? small : PyMem_Malloc(n * sizeof(int64_t));
-    if (counts == NULL) {
-        PyBuffer_Release(&view);
-        return PyErr_NoMemory();
+    /* Each count is read once: other processes change them meanwhile. */
+    const volatile int64_t *counts = (const int64_t *)view.buf + self->lo;
+    Py_ssize_t n = self->hi - self->lo;
+    int64_t *turns = (int64_t *)self->turn.buf;
+    Py_ssize_t start = turns[0] >= 0 && turns[0] < n ? (Py_ssize_t)turns[0] : 0;
+    /* As the Python path: the first idle one from `start` on, else the first of the least. */
+    Py_ssize_t chosen = -1, least = -1;
+    int64_t low = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = start + k < n ? start + k : start + k - n;
+        int64_t count = counts[i];
+        if (count == 0) {
+            chosen = i;
+            break;
+        }
+        if (least < 0 || count < low) {
+            least = i;
+            low = count;
+        }
     }
-    memcpy(counts, (int64_t *)view.buf + self->lo, n * sizeof(int64_t));
     PyBuffer_Release(&view);
-    PyObject *slot = EqualScan_pick(self, counts);
-    if (counts != small) {
-        PyMem_Free(counts);
+    if (chosen < 0) {
+        chosen = least;
     }
-    return slot;
+    turns[0] = chosen + 1;
+    return PyLong_FromSsize_t(self->lo + chosen);
 }
 
 static PyMethodDef EqualScan_methods[] = {
-    {"pick", (PyCFunction)EqualScan_call, METH_O,
+    {"pick", (PyCFunction)EqualScan_pick, METH_O,
      "pick(in_flight) -> slot, from the calls in flight by slot (a buffer of int64)"},
     {NULL, NULL, 0, NULL},
 };

@@ -21,6 +21,7 @@ class HotPath:
         capacity: int,
         draining: int,
         ended: int,
+        ticket: tuple[int, int, int],
     ) -> None: ...
     def commit(
         self, version: int, slot: int, cursor: int, call: list[Any], blocking: bool = ...
@@ -36,9 +37,6 @@ class EqualScan:
         *,
         lo: int,
         hi: int,
-        order: tuple[int, ...],
-        current: list[float],
-        weight: float,
-        floor: float,
+        turns: object,
     ) -> None: ...
     def pick(self, in_flight: object) -> int: ...

@@ -167,6 +167,15 @@ class SharedState:
         self._zero_rows = memoryview(bytes(layout.max_workers * L.WORD)).cast("q")
         self._zero_counts = memoryview(bytes(c * L.WORD)).cast("q")
         self.in_flight = self._slice(self._words, self._inflight)
+        # The columns the two holds of every call touch, indexed by slot.
+        self._gen_col = self._slice(self._words, self._gen)
+        self._state_col = self._slice(self._words, self._state)
+        self._requests_col = self._slice(self._words, self._requests)
+        self._consecutive_col = self._slice(self._words, self._consecutive)
+        self._no_row = memoryview(bytearray(c * L.WORD)).cast("q")
+        """Where a process without a worker row counts its calls: its own memory."""
+        self._own_col = self._no_row
+        """This process's worker row, by slot (`use_row`)."""
         self.latency = self._slice(self._floats, self._ewma)
         self.latency_stamps = self._slice(self._words, self._stamp)
         self.lock = SharedLock(
@@ -216,6 +225,7 @@ class SharedState:
             capacity=self._c,
             draining=DRAINING,
             ended=ENDED,
+            ticket=(SLOT, GENERATION, START),
         )
         return hot
 
@@ -230,6 +240,7 @@ class SharedState:
     def use_row(self, base: int) -> None:
         """Count this process's calls in the worker row whose slot 0 is word `base` (-1: none)."""
         self.own_row = base
+        self._own_col = self._slice(self._words, base) if base >= 0 else self._no_row
         if self._hot is not None:
             self._hot.own_row = base
 
@@ -324,23 +335,24 @@ class SharedState:
         having counted nothing, if the lock stays taken for a few tries.
         """
         words = self._words
-        counted = got = False
         box: list[bool] | None = None
-        # `lock.run`, written out: this and `_finish` are the two holds of every call.
+        # `lock.run`, written out: this and `_finish` are the two holds of every call. The
+        # first try is a subscript outside the `try`: nothing can interrupt it before `got`
+        # holds its result (see `_lock`).
+        got = self._take[False]
         try:
-            got = self._take[False]
             if not got:
                 box = [False]
                 self.lock.wait(box, blocking)
                 got = True
             words[H_LOCK_PID] = self._pid
-            if words[H_VERSION] == version and (cursor < 0 or words[H_CURSOR] == cursor):
+            counted = words[H_VERSION] == version and (cursor < 0 or words[H_CURSOR] == cursor)
+            if counted:
                 if cursor >= 0:
                     words[H_CURSOR] = cursor + 1
-                words[self.own_row + slot] += 1
-                words[self._inflight + slot] += 1
-                call[GENERATION] = words[self._gen + slot]
-                counted = True
+                self._own_col[slot] += 1
+                self.in_flight[slot] += 1
+                call[GENERATION] = self._gen_col[slot]
         except BaseException:
             if got or (box is not None and box[0]):
                 try:  # noqa: SIM105
@@ -372,29 +384,32 @@ class SharedState:
         slot, generation, _, start = call
         if generation < 0:
             return
+        end = None
+        if outcome != SUCCESS or start or report is not None:
+            end = self._end(slot, outcome, start)
+            if end is None:  # closed in this process: nothing left to record
+                call[GENERATION] = ENDED
+                return
         words = self._words
-        plain = outcome == SUCCESS and not start and report is None
-        got = False
         box: list[bool] | None = None
-        # `lock.run`, written out: this and `_commit` are the two holds of every call.
+        # `lock.run`, written out, as in `_commit`.
+        got = self._take[False]
         try:
-            if not plain:
-                end = self._end(slot, outcome, start)
-            got = self._take[False]
             if not got:
                 box = [False]
                 self.lock.wait(box, blocking)
                 got = True
             words[H_LOCK_PID] = self._pid
-            if call[GENERATION] == generation and words[self._gen + slot] == generation:
-                words[self._inflight + slot] -= 1
-                words[self.own_row + slot] -= 1
+            if call[GENERATION] == generation and self._gen_col[slot] == generation:
+                in_flight = self.in_flight
+                in_flight[slot] -= 1
+                self._own_col[slot] -= 1
                 call[GENERATION] = ENDED
-                if words[self._state + slot] == DRAINING and words[self._inflight + slot] == 0:
+                if self._state_col[slot] == DRAINING and in_flight[slot] == 0:
                     self._free(slot)  # the backend is gone: its last outcome goes with it
-                elif plain:
-                    words[self._requests + slot] += 1
-                    words[self._consecutive + slot] = 0
+                elif end is None:
+                    self._requests_col[slot] += 1
+                    self._consecutive_col[slot] = 0
                 elif outcome != CANCELLED:
                     self._record_end(slot, outcome, end, report)
             else:
@@ -413,22 +428,27 @@ class SharedState:
         words[H_LOCK_PID] = 0
         self._release()
 
-    def _end(self, slot: int, outcome: int, start: int) -> _End:
+    def _end(self, slot: int, outcome: int, start: int) -> _End | None:
         """What recording an end writes, worked out before the lock is taken; `start` is 0 for
-        a call whose latency is not recorded."""
+        a call whose latency is not recorded. None if the segment was closed in this process."""
         now = self.clock()
         end = _End(now)
-        if start:
-            latency = now - start
-            end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
-            average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
-            sample = sample_ns(latency, outcome == FAILURE)
-            end.ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
-        if outcome == FAILURE:
-            at = self._fail_score + slot
-            score, stamp = self._floats[at], self._words[at + self._c]
-            end.score_was = failure_score(score, stamp, now)
-            end.score = failed_once_more(score, stamp, now)
+        try:
+            if start:
+                latency = now - start
+                end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
+                average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
+                sample = sample_ns(latency, outcome == FAILURE)
+                end.ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
+            if outcome == FAILURE:
+                at = self._fail_score + slot
+                score, stamp = self._floats[at], self._words[at + self._c]
+                end.score_was = failure_score(score, stamp, now)
+                end.score = failed_once_more(score, stamp, now)
+        except ValueError:
+            if self.closed:
+                return None
+            raise
         return end
 
     def _record_end(self, slot: int, outcome: int, end: _End, report: LoadReport | None) -> None:
@@ -637,6 +657,8 @@ class SharedState:
                     expires = min(expires, penalty_drops_at(score, now, penalty))
         panic = policy.panics(len(rotation), len(eligible))
         slots = rotation if panic else eligible
+        if not slots:
+            expires = 0  # rebuilt at every pick, until one is eligible
         reported = floats[L.REPORTED_WEIGHT * c : (L.REPORTED_WEIGHT + 1) * c]
         view = View(
             version=version,
