@@ -19,22 +19,21 @@ from ._layout import BUCKETS
 PURE_PYTHON_VARIABLE = "DISPATCHER_PURE_PYTHON"
 
 
-def _load() -> ModuleType | None:
+def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
-        return None
+        return None, f"pure Python ({PURE_PYTHON_VARIABLE} is set)"
     try:
         from . import _speedups  # noqa: PLC0415 (optional: may not be built)
     except ImportError:
-        return None
+        return None, "pure Python (the compiled core is not built)"
     _speedups.configure(
         decay_ns=float(DECAY_NS),
         stale_ns=STALE_NS,
         failure_penalty_ns=float(FAILURE_PENALTY_NS),
         buckets=BUCKETS,
     )
-    return _speedups
+    return _speedups, "compiled"
 
 
-speedups = _load()
-"""The compiled core, or None: the pure Python one runs."""
-CORE = "compiled" if speedups is not None else "pure Python"
+speedups, CORE = _load()
+"""The compiled core, or None: the pure Python one runs; and which one runs, and why."""

@@ -8,9 +8,11 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 
 from rich.console import Console
 
+from .._core import CORE
 from .._strategies import STRATEGIES
 from . import demo
 from .top import top
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Watch a running server instead: python -m dispatcher top NAME_OR_PID",
     )
+    parser.add_argument("--version", action="version", version=version())
     parser.add_argument("--backends", type=_count, default=4, help="backends (default 4)")
     parser.add_argument("--workers", type=_count, default=4, help="worker processes (default 4)")
     parser.add_argument(
@@ -94,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between frames (default 0.25), or between JSON lines",
     )
     return parser
+
+
+def version() -> str:
+    """The installed version and the core that runs the hot path."""
+    try:
+        number = metadata.version("dispatcher-lb")
+    except metadata.PackageNotFoundError:
+        number = "(not installed)"
+    return f"dispatcher {number}; core: {CORE}"
 
 
 def _count(text: str) -> int:
