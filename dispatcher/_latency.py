@@ -80,11 +80,18 @@ def decayed(average: float, stamp_ns: int, now_ns: int) -> float:
 
 
 def peak_ewma(average: float, stamp_ns: int, sample_ns: float, now_ns: int) -> float:
-    """The next average after `sample_ns` arrives at `now_ns`; 0.0 means "no data yet"."""
-    current = decayed(average, stamp_ns, now_ns)
+    """The next average after `sample_ns` arrives at `now_ns`; 0.0 means "no data yet".
+
+    `decayed` and the step towards the sample share one weight: the average decays for its
+    age, and the sample moves it by as much.
+    """
+    age = now_ns - stamp_ns
+    if average <= 0.0 or (age >= STALE_NS and average < FAILURE_PENALTY_NS):
+        return float(sample_ns)
+    weight = math.exp(-max(age, 0) / DECAY_NS)
+    current = average * weight
     if current <= 0.0 or sample_ns >= current:
         return float(sample_ns)
-    weight = math.exp(-max(now_ns - stamp_ns, 0) / DECAY_NS)
     return current * weight + sample_ns * (1.0 - weight)
 
 

@@ -270,26 +270,19 @@ bucket_of(int64_t latency)
     return bucket < buckets - 1 ? bucket : buckets - 1;
 }
 
-/* `_latency.decayed` and `_latency.peak_ewma`, operation for operation. */
-static double
-decayed(double average, int64_t stamp, int64_t now)
-{
-    int64_t age = now - stamp;
-    if (average <= 0.0 || (age >= stale_ns && average < failure_penalty_ns)) {
-        return 0.0;
-    }
-    return average * exp(-(double)(age > 0 ? age : 0) / decay_ns);
-}
-
+/* `_latency.peak_ewma`, operation for operation. */
 static double
 peak_ewma(double average, int64_t stamp, double sample, int64_t now)
 {
-    double current = decayed(average, stamp, now);
+    int64_t age = now - stamp;
+    if (average <= 0.0 || (age >= stale_ns && average < failure_penalty_ns)) {
+        return sample;
+    }
+    double weight = exp(-(double)(age > 0 ? age : 0) / decay_ns);
+    double current = average * weight;
     if (current <= 0.0 || sample >= current) {
         return sample;
     }
-    int64_t age = now - stamp;
-    double weight = exp(-(double)(age > 0 ? age : 0) / decay_ns);
     return current * weight + sample * (1.0 - weight);
 }
 

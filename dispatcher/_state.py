@@ -438,7 +438,7 @@ class SharedState:
                 latency = now - start
                 end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
                 average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
-                sample = sample_ns(latency, outcome == FAILURE)
+                sample = sample_ns(latency, True) if outcome == FAILURE else float(latency)
                 end.ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
             if outcome == FAILURE:
                 at = self._fail_score + slot
