@@ -11,7 +11,8 @@ A discrete-event simulation (pure Python, heapq) of the situation the project ex
   connections), and that worker picks a backend with a strategy.
 
 Each strategy is the REAL class from `dispatcher._strategies`, given `View` objects over plain
-lists, in three settings:
+lists and the simulated clock (so `peak_ewma` reads its averages decayed, and stale after 2 s
+without an answer, as it does in a `Balancer`), in three settings:
 
 * shared: every worker reads one set of in-flight counts and latency averages, and cursor
   strategies share one cursor: what a `Balancer` gives a multi-process server;
@@ -119,7 +120,19 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
     in_flight = [[0] * b for _ in range(views)]
     latency = [[0.0] * b for _ in range(views)]
     stamps = [[0] * b for _ in range(views)]
-    view = [View(1, slots, weights, in_flight[v], latency[v]) for v in range(views)]
+    clock = [0]  # the simulated time in ns, as `View.clock` reads it
+    view = [
+        View(
+            1,
+            slots,
+            weights,
+            in_flight[v],
+            latency[v],
+            stamps=stamps[v],
+            clock=lambda: clock[0],
+        )
+        for v in range(views)
+    ]
     cursors = [0] * views
     strategy: list[Strategy] = []
     if name != "ideal":
@@ -151,6 +164,7 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
     while i < n or done:
         if i < n and (not done or times[i] <= done[0][0]):
             now = times[i]
+            clock[0] = round(now * UNIT_NS)
             if backlog < 0 and now >= midpoint:
                 means[TURNS_SLOW] = 3.0
             worker = worker_of[i]
