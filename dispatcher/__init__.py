@@ -8,7 +8,9 @@ its own (async backends, resolvers, server hooks).
 
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
+from ._events import Event
 from ._health import HealthCheck
+from ._latency import BUCKET_BOUNDS, percentile
 from ._pool import WorkerPool
 from ._strategies import (
     STRATEGIES,
@@ -41,6 +43,7 @@ from .errors import (
     InvalidAddress,
     LockBusy,
     NoBackendAvailable,
+    OptionMismatch,
     SegmentError,
     UnknownBackend,
     WorkerDied,
@@ -48,6 +51,7 @@ from .errors import (
 from .servers import attach_from_env, shared_balancer
 
 __all__ = [
+    "BUCKET_BOUNDS",
     "STRATEGIES",
     "Backend",
     "BackendError",
@@ -62,6 +66,7 @@ __all__ = [
     "DuplicateBackend",
     "EtcdError",
     "EtcdResolver",
+    "Event",
     "HealthCheck",
     "HttpBackend",
     "HttpRequest",
@@ -70,6 +75,7 @@ __all__ = [
     "LeastLoaded",
     "LockBusy",
     "NoBackendAvailable",
+    "OptionMismatch",
     "PeakEwma",
     "PowerOfTwo",
     "Random",
@@ -85,6 +91,7 @@ __all__ = [
     "WorkerDied",
     "WorkerPool",
     "attach_from_env",
+    "percentile",
     "reconcile",
     "shared_balancer",
 ]

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import weakref
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate, chain
@@ -33,6 +34,7 @@ from operator import add, itemgetter
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from ._checks import check_seconds
+from ._core import speedups
 from ._latency import FAILURE_PENALTY_NS, decayed
 from ._orca import BLACKOUT_NS, ERROR_PENALTY, REPORT_EXPIRY_NS, Weighing
 from ._view import View
@@ -306,93 +308,134 @@ class WeightedRandom(_Randomised):
 class _Scan:
     """How `LeastLoaded` reads a view, and this process's tie-break state for it.
 
-    With equal weights, every count is read in one C-level call: a slice when the slots are
-    contiguous (as they are unless some are ejected or unregistered), an `itemgetter`
-    otherwise. `current` holds the smooth round-robin values by slot (minus infinity for the
-    slots not in the view); they start at a random point of the cycle in each process, so
-    workers that all start (or all see a new view) at once do not pick in lockstep.
+    With equal weights, ties go in turn: the first tied slot at or after ``turns[0]``, which
+    then moves past it, so tied backends share exactly; each process starts at a random point,
+    so that workers which start (or see a new view) at once do not pick in lockstep. An idle
+    backend ends the search: on shared counts of contiguous slots, it is found in their bytes
+    (`bytes.find`), so a pool that is not saturated costs about the same at 4096 backends as
+    at 8; otherwise the counts are read in one C-level call (a slice, or an `itemgetter` when
+    some slots are out). With unequal weights (slow start), `current` holds the smooth
+    weighted round-robin values by slot (minus infinity for slots not in the view).
     """
 
-    __slots__ = ("current", "floor", "read", "uniform", "weight")
+    __slots__ = ("current", "fast", "idle", "read", "span", "turns", "uniform", "view")
 
     def __init__(self, view: View) -> None:
+        self.view = view
         slots = view.slots
         contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
         self.read = itemgetter(slice(slots[0], slots[-1] + 1)) if contiguous else itemgetter(*slots)
         weights = [float(view.weights[s]) for s in slots]
         self.uniform = len(set(weights)) == 1
-        self.weight = weights[0]
         self.current = [-math.inf] * (slots[-1] + 1)
         for slot, weight in zip(slots, weights, strict=True):
             self.current[slot] = random.random() * weight
-        self.floor = -float(1 << 20) * sum(weights)
+        shared = isinstance(view.in_flight, memoryview)
+        self.span = slice(slots[0], slots[-1] + 1) if contiguous and shared else None
+        """Where the counts of every slot lie, when they are shared ones (a memoryview)."""
+        self.idle = bytes(8 * len(slots))
+        """The bytes of `span` when every backend is idle."""
+        self.turns = array("q", [random.randrange(len(slots))])
+        """Where the next tie-break starts, as an index into `view.slots`."""
+        self.fast: Callable[[Sequence[int]], int] | None = None
+        """The compiled core's pick for equal weights and no penalties, when it runs
+        (`_core`): the same choices, from the same `turns`."""
+        if speedups is not None and self.span is not None and self.uniform:
+            self.fast = speedups.EqualScan(lo=slots[0], hi=slots[-1] + 1, turns=self.turns).pick
+
+    def follows(self, view: View) -> bool:
+        """Whether this scan's structures still describe `view` (a rebuilt but equal view)."""
+        old = self.view
+        return (
+            old.version == view.version
+            and old.slots == view.slots
+            and (old.weights == view.weights)
+        )
 
 
 class LeastLoaded:
     """The backend with the fewest calls in flight across all processes, per unit of weight.
 
-    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins, and ties are broken by
-    smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
-    loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
-    which is how slow start ramps a new backend even when nothing is in flight). The
-    round-robin state is this process's own and restarts when the view changes.
+    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins (recent failures counted
+    as calls in flight), and ties are broken in turn among the tied backends (by smooth
+    weighted round-robin when weights differ). Ties are what an idle or lightly loaded pool
+    mostly has, so this is what spreads sequential calls evenly (or by weight, which is how
+    slow start ramps a new backend even when nothing is in flight). The tie-break state is
+    this process's own and restarts when the view changes.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._scans = _PerView(_Scan)
+        self._scan: _Scan | None = None
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots = view.slots
         if len(slots) == 1:
             return slots[0]
-        scan = self._scans.get(view)
-        if scan.uniform:
-            counts: list[int] = list(scan.read(view.in_flight))
-            if view.penalized:
-                counts = list(map(add, counts, scan.read(view.penalties)))
-            return _least_loaded_equal(slots, counts, scan.weight, scan.current, scan.floor)
-        return _least_loaded_weighted(view, scan.current)
+        scan = self._scan
+        if scan is None or scan.view is not view:
+            scan = self._follow(view)
+        if not scan.uniform:
+            return _least_loaded_weighted(view, scan.current)
+        if view.penalized:
+            counts = list(map(add, scan.read(view.in_flight), scan.read(view.penalties)))
+        elif scan.fast is not None:
+            return scan.fast(view.in_flight)
+        else:
+            if scan.span is not None:
+                # `span` is set only for shared counts: a memoryview, with `tobytes`.
+                raw = view.in_flight[scan.span].tobytes()  # type: ignore[attr-defined]
+                turns = scan.turns
+                i = turns[0] % len(slots) if raw == scan.idle else _next_idle(raw, turns[0])
+                if i >= 0:
+                    turns[0] = i + 1
+                    return slots[i]
+            counts = list(scan.read(view.in_flight))
+        return slots[_next_least(counts, scan.turns)]
+
+    def _follow(self, view: View) -> _Scan:
+        """The scan for `view`: the current one if the view only was rebuilt, else a new one."""
+        scan = self._scan
+        if scan is not None and scan.follows(view):
+            scan.view = view
+        else:
+            scan = self._scan = _Scan(view)
+        return scan
 
     def __reduce__(self) -> tuple[type[Any], tuple[()]]:
         """Pickled as its class alone: the receiving process builds its own caches."""
         return (type(self), ())
 
 
-def _least_loaded_equal(
-    slots: tuple[int, ...], counts: list[int], weight: float, current: list[float], floor: float
-) -> int:
-    """`LeastLoaded` when every weight is equal: counts compared as they are, in C.
+IDLE = bytes(8)
+"""A count of zero, as the bytes of a shared word."""
 
-    `list.count` and `list.index` do the scan, so 64 backends cost little more than 8.
-    """
-    low = 0 if 0 in counts else min(counts)  # an idle backend is the common case
-    ties = counts.count(low)
-    if ties == 1:
-        return slots[counts.index(low)]
-    if ties == len(counts):
-        # Adding the same weight to every entry moves none past another: skip it.
-        top = max(current)
-        try:
-            slot = current.index(top)
-        except ValueError:  # another thread lowered it meanwhile
-            slot = max(slots, key=current.__getitem__)
-        current[slot] -= weight * ties
-        if current[slot] < floor:  # keep the values small enough to compare exactly
-            top = max(current)
-            current[:] = [value - top for value in current]
-        return slot
-    chosen, top, i = slots[0], -math.inf, -1
-    for _ in range(ties):
-        i = counts.index(low, i + 1)
-        slot = slots[i]
-        value = current[slot] = current[slot] + weight
-        if value > top:
-            chosen, top = slot, value
-    current[chosen] -= weight * ties
-    return chosen
+
+def _next_idle(raw: bytes, turn: int) -> int:
+    """The index of the first idle slot in `raw` (counts' bytes) at or after `turn`, going
+    round; -1 if none is idle."""
+    start = turn * 8
+    for begin, end in ((start, len(raw)), (0, start)):
+        at = raw.find(IDLE, begin, end + 7)
+        while at >= 0 and at % 8:  # the zero bytes of two neighbours: look on, aligned
+            at = raw.find(IDLE, at + 8 - at % 8, end + 7)
+        if 0 <= at < end:
+            return at // 8
+    return -1
+
+
+def _next_least(counts: list[int], turns: array[int]) -> int:
+    """The index of the first of the least loaded at or after ``turns[0]``, going round; an
+    idle one if any. `turns` moves past it."""
+    low = 0 if 0 in counts else min(counts)
+    try:
+        i = counts.index(low, turns[0])
+    except ValueError:
+        i = counts.index(low)
+    turns[0] = i + 1
+    return i
 
 
 def _loads(view: View) -> Sequence[int]:
@@ -645,6 +688,7 @@ class PeakEwma(_Randomised):
 
     name: ClassVar[str] = "peak_ewma"
     uses_cursor = False
+    uses_latency = True
 
     def _start(self) -> None:
         self._sampler = _PerView(_Sampler)

@@ -70,7 +70,7 @@ class AsyncHttpBackend:
         if client is None:
             if httpx is None:
                 raise ModuleNotFoundError(
-                    "AsyncHttpBackend needs httpx: pip install 'dispatcher[aio]'", name="httpx"
+                    "AsyncHttpBackend needs httpx: pip install 'dispatcher-lb[aio]'", name="httpx"
                 )
             client = httpx.AsyncClient(
                 base_url=self._base,

@@ -102,6 +102,8 @@ def test_no_object_is_offered_under_two_public_module_paths() -> None:
         "dispatcher.discovery",
         "dispatcher.errors",
         "dispatcher.gunicorn",
+        "dispatcher.otel",
+        "dispatcher.prometheus",
         "dispatcher.servers",
     ]
     paths: dict[int, list[str]] = {}
@@ -147,6 +149,7 @@ SAMPLES: dict[str, Callable[[], BaseException]] = {
     "BackendError": lambda: errors.BackendError("h:1", "HTTP 503", status=503),
     "DuplicateBackend": lambda: errors.DuplicateBackend("h:1"),
     "UnknownBackend": lambda: errors.UnknownBackend("h:1"),
+    "OptionMismatch": lambda: errors.OptionMismatch("api", "capacity", "16", "8"),
 }
 """Errors whose constructor takes more than a message."""
 
