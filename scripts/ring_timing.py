@@ -101,8 +101,15 @@ def ring_memory(n: int) -> float:
     return size / 2**20
 
 
+MAX_CAPACITY = 4096
+"""The most backends a segment holds."""
+MAX_BACKENDS = MAX_CAPACITY - 1
+
+
 def pick_timings(n: int, repeats: int) -> dict[str, list[float]]:
-    """First keyed pick after each kind of change, through a Balancer."""
+    """First keyed pick after each kind of change, through a Balancer (of at most
+    `MAX_BACKENDS`: the registration needs a free slot)."""
+    n = min(n, MAX_BACKENDS)
     addrs = [address(i) for i in range(n)]
     spare = address(n)
     times: dict[str, list[float]] = {"steady": [], "after register": [], "after unregister": []}
@@ -111,7 +118,7 @@ def pick_timings(n: int, repeats: int) -> dict[str, list[float]]:
         addrs,
         backend_factory=Instant,
         strategy=ConsistentHash(),
-        capacity=n + 8,
+        capacity=min(n + 8, MAX_CAPACITY),
         failure_threshold=1,
         ejection_seconds=3600,
         max_ejection_seconds=3600,
@@ -169,6 +176,8 @@ def main() -> None:
         picks = pick_timings(n, max(args.repeats // 3, 3) if n > 1024 else args.repeats)
         memory = ring_memory(n)
         print(f"\n{n} backends ({n * _strategies.RING_POINTS} points, ring {memory:.1f} MiB)")
+        if n > MAX_BACKENDS:
+            print(f"  (picks through a Balancer of {MAX_BACKENDS}: a registration needs a slot)")
         full = statistics.median(ring["full build"])
         for name, values in ring.items():
             ms = statistics.median(values)
