@@ -611,12 +611,19 @@ EqualScan_pick(EqualScan *self, PyObject *in_flight)
     else {
         chosen = draw(counts, n, 0, turns);
         if (chosen < 0) {
+            Py_ssize_t least = 0;
             int64_t low = counts[0];
             for (Py_ssize_t i = 1; i < n; i++) {
                 int64_t count = counts[i];
-                low = count < low ? count : low;
+                if (count < low) {
+                    least = i;
+                    low = count;
+                }
             }
             chosen = draw(counts, n, low, turns);
+            if (chosen < 0) {
+                chosen = least; /* the counts moved since they were read: the least seen */
+            }
         }
     }
     PyBuffer_Release(&view);
