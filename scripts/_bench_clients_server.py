@@ -1,8 +1,9 @@
 """A fast loopback HTTP/1.1 keep-alive server for `bench_clients.py`, run as its own process.
 
 Every request gets at once the same small answer a production JSON service would send: a
-status line, seven headers (two of them ``Set-Cookie``, so clients must keep repeated
-headers) and a 64-byte JSON body; a ``POST`` body is read and dropped. With ``--cert`` and
+status line, seven headers (``Vary`` twice, so clients must keep repeated headers; no
+``Set-Cookie``, which would bill the cookie jars of requests, httpx and aiohttp) and a
+64-byte JSON body; a ``POST`` body is read and dropped. With ``--cert`` and
 ``--key`` it speaks TLS. It is a bare ``asyncio.Protocol`` (on uvloop when installed), so
 the client, not the server, is what the benchmark waits on; its CPU is never counted.
 
@@ -22,8 +23,8 @@ HEAD = (
     b"Server: bench\r\n"
     b"Content-Type: application/json\r\n"
     b"Cache-Control: no-store\r\n"
-    b"Set-Cookie: a=1; Path=/\r\n"
-    b"Set-Cookie: b=2; Path=/\r\n"
+    b"Vary: Accept-Encoding\r\n"
+    b"Vary: Origin\r\n"
     b"Content-Length: %d\r\n"
     b"\r\n" % len(BODY)
 )

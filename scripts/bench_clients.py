@@ -3,7 +3,7 @@
 What it measures: the CPU time (user + system, ``time.process_time()``) that THIS process, the
 client, spends per request, over N sequential keep-alive requests to a loopback HTTP/1.1
 server that runs in its own process (``_bench_clients_server.py``: a bare asyncio protocol
-answering at once with seven headers, two of them ``Set-Cookie``, and a 64-byte JSON body).
+answering at once with seven headers, ``Vary`` twice, and a 64-byte JSON body).
 The server's CPU is never counted. Wall time per request is shown too, but on a shared
 two-core machine it mostly says how fast the server and the scheduler were.
 
@@ -557,13 +557,25 @@ class Case:
 
 def versions() -> str:
     found = []
-    for name in ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "pycurl", "uvloop"):
+    for name in (
+        "urllib3",
+        "requests",
+        "httpx",
+        "httpcore",
+        "anyio",
+        "sniffio",
+        "aiohttp",
+        "pycurl",
+        "uvloop",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append(f"{name} {metadata.version(name)}")
     with contextlib.suppress(ImportError):
         import pycurl
 
         found.append(pycurl.version.split()[1])
+    if not installed("sniffio"):
+        found.append("no sniffio (httpcore retries a failed import of it on every request)")
     return f"Python {platform.python_version()}, {ssl.OPENSSL_VERSION}; " + ", ".join(found)
 
 
