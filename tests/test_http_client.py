@@ -148,6 +148,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"0123456789")
             self.close_connection = True
+        elif path == "/eof":  # no length, not chunked: the body ends when the connection does
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"until the end")
+            self.close_connection = True
+        elif path == "/early":  # 103 Early Hints before the answer
+            self.send_response_only(103)
+            self.send_header("Link", "</style.css>; rel=preload")
+            self.end_headers()
+            self.answer(b"after hints")
+        elif path == "/two-lengths":
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"abcd")
+            self.close_connection = True
         elif path == "/drop":  # no answer at all
             self.close_connection = True
         elif path == "/then-drop":  # answer; then take the next request and close unanswered
@@ -250,6 +267,49 @@ def test_head_chunked_and_http10_answers(client: HttpClient) -> None:
     first = peer(client)
     assert client.request("GET", "/http10").body == b"old"
     assert peer(client) != first  # an HTTP/1.0 answer without keep-alive closes
+
+
+def test_bodies_framed_by_close_interim_answers_and_conflicting_lengths(
+    server: Server, client: HttpClient
+) -> None:
+    assert client.request("GET", "/eof").body == b"until the end"
+    early = client.request("GET", "/early")
+    assert (early.status, early.body) == (200, b"after hints") and "link" not in early.headers
+    with pytest.raises(ProtocolError, match="Content-Length"):
+        client.request("GET", "/two-lengths")
+    assert client.request("GET", "/").body == b"hello"
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_host_in_brackets() -> None:
+    class Server6(Server):
+        address_family = socket.AF_INET6
+
+        def __init__(self) -> None:
+            http.server.ThreadingHTTPServer.__init__(self, ("::1", 0), Handler)
+            self.lock = threading.Lock()
+            self.connections = 0
+            self.requests = []
+            self.idle_timeout = 5.0
+
+    server = Server6()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with HttpClient("[::1]", server.server_port) as client:
+            seen = json.loads(client.request("GET", "/echo").body)
+        assert [v for k, v in seen["headers"] if k.lower() == "host"] == [
+            f"[::1]:{server.server_port}"
+        ]
+    finally:
+        stop(server)
 
 
 def test_a_request_that_cannot_be_sent_is_refused_before_sending(client: HttpClient) -> None:
