@@ -20,7 +20,11 @@ Candidates, each making its client fresh in each round and warming it up first:
   would need them), ``requests.Session``, ``httpx.Client``;
 * async, on one event loop: ``aiohttp.ClientSession``, ``httpx.AsyncClient`` and today's
   ``AsyncHttpBackend``, sequential awaits and 16 concurrent tasks;
-* 16 threads sharing one ``HttpBackend`` or one proto ``HttpClient``.
+* 16 threads sharing one ``HttpBackend`` or one proto ``HttpClient``;
+* end to end through a one-backend ``Balancer`` (``least_loaded``, no monitor): ``invoke``
+  with ``HttpBackend`` or a backend on the proto client, ``ainvoke`` with a backend on
+  aiohttp (a session per loop) or today's ``AsyncHttpBackend``: the issue's async target is
+  that the ``ainvoke`` row costs no more than the ``invoke``/``HttpBackend`` one.
 
 Each runs ``GET /`` and a ``POST /`` with a 46-byte JSON body, over HTTP and HTTPS (a
 throwaway CA and certificate from ``trustme``; clients that take an ``ssl.SSLContext`` get
@@ -52,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -62,8 +67,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import urllib3
 
+from dispatcher import Balancer
 from dispatcher._http_client import HttpClient
-from dispatcher.backends import HttpBackend, HttpRequest
+from dispatcher.backends import HttpBackend, HttpRequest, HttpResponse
+from dispatcher.errors import BackendError
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "_bench_clients_server.py"
@@ -339,6 +346,143 @@ async def make_async_http_backend(target: Target, req: Request) -> tuple[AsyncCa
     return call, backend.aclose
 
 
+# Through a Balancer: invoke with a sync backend, ainvoke with an async one ----------------------
+
+
+class ProtoBackend:
+    """What HttpBackend would be on the prototype client (no TLS here, as HttpBackend)."""
+
+    def __init__(self, addr: str, *, timeout: float | None = TIMEOUT) -> None:
+        self.addr = addr
+        host, _, port = addr.rpartition(":")
+        self._client = HttpClient(host, int(port), timeout=timeout)
+
+    def invoke(self, request: HttpRequest, *, timeout: float | None = None) -> HttpResponse:
+        try:
+            answer = self._client.request(
+                request.method,
+                request.path,
+                body=request.body,
+                headers=request.headers,
+                timeout=timeout,
+            )
+        except Exception as exc:  # the prototype's errors, as HttpBackend maps urllib3's
+            raise BackendError(self.addr, f"{type(exc).__name__}: {exc}") from exc
+        if answer.status >= 500:
+            raise BackendError(self.addr, f"HTTP {answer.status}", status=answer.status)
+        return HttpResponse(answer.status, answer.headers, answer.body)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AiohttpBackend:
+    """What AsyncHttpBackend would be on aiohttp: a session per event loop, as today's keeps an
+    httpx client per loop (a session and its connections belong to one loop)."""
+
+    def __init__(self, addr: str, *, timeout: float | None = TIMEOUT) -> None:
+        import aiohttp
+
+        self.addr = addr
+        self._base = f"http://{addr}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _session(self) -> Any:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None:
+            session = aiohttp.ClientSession(
+                self._base,
+                connector=aiohttp.TCPConnector(limit=CONCURRENCY),
+                timeout=self._timeout,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+            self._sessions[loop] = session
+        return session
+
+    async def ainvoke(self, request: HttpRequest, *, timeout: float | None = None) -> HttpResponse:
+        import aiohttp
+
+        extra = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
+        try:
+            async with self._session().request(
+                request.method,
+                request.path,
+                data=request.body or None,
+                headers=request.headers,
+                **extra,
+            ) as answer:
+                body = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendError(self.addr, f"{type(exc).__name__}: {exc}") from exc
+        if answer.status >= 500:
+            raise BackendError(self.addr, f"HTTP {answer.status}", status=answer.status)
+        return HttpResponse(answer.status, answer.headers, body)
+
+    async def aclose(self) -> None:
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
+
+    def close(self) -> None:
+        self._sessions = weakref.WeakKeyDictionary()
+
+
+def _balancer(target: Target, factory: Callable[[str], Any]) -> Balancer:
+    return Balancer(
+        [f"{target.host}:{target.port}"],
+        backend_factory=factory,
+        strategy="least_loaded",
+        monitor=False,
+    )
+
+
+def balancer_invoke(factory: Callable[[str], Any]) -> Callable[..., Any]:
+    def make(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
+        balancer = _balancer(target, factory)
+        request = HttpRequest(req.method, req.path, req.headers or None, req.body)
+
+        def call() -> Answer:
+            answer = balancer.invoke(request)
+            return answer.status, answer.body
+
+        return call, balancer.close
+
+    return make
+
+
+def balancer_ainvoke(factory: Callable[[str], Any]) -> Callable[..., Any]:
+    async def make(target: Target, req: Request) -> tuple[AsyncCall, Any]:
+        from dispatcher.aio import aclose
+
+        balancer = _balancer(target, factory)
+        request = HttpRequest(req.method, req.path, req.headers or None, req.body)
+
+        async def call() -> Answer:
+            answer = await balancer.ainvoke(request)
+            return answer.status, answer.body
+
+        async def close() -> None:
+            await aclose(balancer)
+            balancer.close()
+
+        return call, close
+
+    return make
+
+
+def async_http_backend(addr: str) -> Any:
+    from dispatcher.aio import AsyncHttpBackend
+
+    return AsyncHttpBackend(addr, timeout=TIMEOUT)
+
+
 CANDIDATES = [
     Candidate("HttpBackend (today)", "sync", make_http_backend, schemes=("http",)),
     Candidate("urllib3 urlopen as HttpBackend", "sync", make_urllib3_as_backend),
@@ -374,6 +518,24 @@ CANDIDATES = [
         concurrency=CONCURRENCY,
     ),
     Candidate("proto HttpClient x16 threads", "threads", make_proto, concurrency=CONCURRENCY),
+    Candidate(
+        "Balancer.invoke, HttpBackend", "sync", balancer_invoke(HttpBackend), schemes=("http",)
+    ),
+    Candidate("Balancer.invoke, proto", "sync", balancer_invoke(ProtoBackend), schemes=("http",)),
+    Candidate(
+        "Balancer.ainvoke, aiohttp",
+        "async",
+        balancer_ainvoke(AiohttpBackend),
+        schemes=("http",),
+        needs="aiohttp",
+    ),
+    Candidate(
+        "Balancer.ainvoke, AsyncHttpBackend",
+        "async",
+        balancer_ainvoke(async_http_backend),
+        schemes=("http",),
+        needs="httpx",
+    ),
 ]
 
 
@@ -596,8 +758,9 @@ def table(cases: list[Case], scheme: str, methods: list[str]) -> str:
     cols = []
     for method in methods:
         cols += [f"{method} CPU us", "x base", f"{method} wall us"]
-    header = f"| {'client':<32} | " + " | ".join(f"{c:>12}" for c in cols) + " |"
-    lines = [header, "|" + "-" * 34 + "|" + "|".join(["-" * 13 + ":"] * len(cols)) + "|"]
+    width = max(len(name) for name in names)
+    header = f"| {'client':<{width}} | " + " | ".join(f"{c:>12}" for c in cols) + " |"
+    lines = [header, "|" + "-" * (width + 2) + "|" + "|".join(["-" * 13 + ":"] * len(cols)) + "|"]
     for name in names:
         cells = []
         for method in methods:
@@ -611,7 +774,7 @@ def table(cases: list[Case], scheme: str, methods: list[str]) -> str:
                 ratios = [a / b for a, b in zip(case.cpu, base.cpu, strict=True)]
                 ratio = f"{statistics.median(ratios):.2f}x"
             cells += [f"{cpu:.0f}", ratio, f"{statistics.median(case.wall):.0f}"]
-        lines.append(f"| {name:<32} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
+        lines.append(f"| {name:<{width}} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
     return "\n".join(lines)
 
 
