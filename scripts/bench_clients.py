@@ -32,7 +32,7 @@ one, pycurl and requests a CA file). Every round runs every case in a new shuffl
 table shows medians over rounds, and the ratio column is the median of per-round ratios to
 the baseline of the same scheme and method. Clients that are not installed are skipped.
 
-    python scripts/bench_clients.py                 # 7 rounds of 2000 requests a case: ~8 min
+    python scripts/bench_clients.py                 # 7 rounds of 2000 requests a case: ~14 min
     python scripts/bench_clients.py --quick         # 2 rounds of 200: seconds, to check setup
     python scripts/bench_clients.py --only proto HttpBackend --no-https --rounds 11
     python scripts/bench_clients.py --json out.json # also keep every round's numbers
