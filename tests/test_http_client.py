@@ -12,6 +12,8 @@ import http.server
 import json
 import os
 import pickle
+import select
+import signal
 import socket
 import ssl
 import threading
@@ -505,8 +507,19 @@ def in_forked_child(work: Callable[[], str]) -> str:
         os.write(write, out.encode())
         os._exit(code)
     os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        out = pipe.read().decode()
+    chunks = []
+    deadline = time.monotonic() + 30
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while True:  # bounded: a child stuck on a lock some thread held at fork fails, not hangs
+            if not select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child did not finish in 30 s")
+            chunk = pipe.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    out = b"".join(chunks).decode()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out
     return out
@@ -630,6 +643,7 @@ def test_https_threads_and_fork(https: Server, ca: Any) -> None:
             thread.start()
         for thread in threads:
             thread.join()
+        time.sleep(0.1)  # the server's threads back to waiting, not inside OpenSSL, at the fork
 
         def child() -> str:
             port = peer(client)
