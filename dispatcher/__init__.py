@@ -9,6 +9,7 @@ its own (async backends, resolvers, server hooks).
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
 from ._health import HealthCheck
+from ._http_client import HttpHeaders
 from ._pool import WorkerPool
 from ._strategies import (
     STRATEGIES,
@@ -34,13 +35,19 @@ from .discovery import (
 from .errors import (
     BackendError,
     CapacityExceeded,
+    ConnectError,
+    ConnectTimeout,
     DispatcherError,
     DuplicateBackend,
     EtcdError,
     InvalidAddress,
+    InvalidRequest,
     LockBusy,
     NoBackendAvailable,
+    ProtocolError,
+    ReadTimeout,
     SegmentError,
+    TLSError,
     UnknownBackend,
     WorkerDied,
 )
@@ -53,6 +60,8 @@ __all__ = [
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
+    "ConnectError",
+    "ConnectTimeout",
     "ConsistentHash",
     "Discovery",
     "DispatcherError",
@@ -62,20 +71,25 @@ __all__ = [
     "EtcdResolver",
     "HealthCheck",
     "HttpBackend",
+    "HttpHeaders",
     "HttpRequest",
     "HttpResponse",
     "InvalidAddress",
+    "InvalidRequest",
     "LeastLoaded",
     "LockBusy",
     "NoBackendAvailable",
     "PeakEwma",
     "PowerOfTwo",
+    "ProtocolError",
     "Random",
+    "ReadTimeout",
     "Resolver",
     "RoundRobin",
     "SegmentError",
     "StaticResolver",
     "Strategy",
+    "TLSError",
     "UnknownBackend",
     "View",
     "WeightedRandom",

@@ -1,18 +1,18 @@
-"""A small keep-alive HTTP/1.1 client on the standard library: the proposed client of `HttpBackend`.
+"""The HTTP/1.1 client under `HttpBackend`: keep-alive connections on the standard library.
 
 `HttpClient` keeps, for the threads of one process, a few idle ``http.client.HTTPConnection``
 to one server (TLS with an ``ssl.SSLContext`` when given one) and reuses the most recently
 used one first. It costs a fifth to a quarter of the client CPU per request of urllib3's
-``HTTPConnectionPool`` as `HttpBackend` uses it, over HTTP and HTTPS alike
+``HTTPConnectionPool`` as `HttpBackend` used it, over HTTP and HTTPS alike
 (``scripts/bench_clients.py``), because it does only what a backend call needs:
 
 * the request head is written by one format and sent with one ``sendall`` (head and body
   together), checked for the bytes that could split it (CR, LF, NUL, spaces in the target);
 * the answer is read by ``http.client.HTTPResponse`` (status line, ``Content-Length``,
-  chunked, HEAD, bodyless statuses), with the header block parsed into `Headers` instead of
-  through the ``email`` package, which is most of what ``http.client`` spends on an answer.
+  chunked, HEAD, bodyless statuses), with the header block parsed into `HttpHeaders` instead
+  of through the ``email`` package, which is most of what ``http.client`` spends on an answer.
 
-Guarantees, as urllib3 gives them to `HttpBackend`:
+Guarantees, as urllib3 gave them to `HttpBackend`:
 
 * a connection goes back to the pool only after its answer was read to the end and the server
   did not ask to close it; one that raised anything is closed;
@@ -25,10 +25,12 @@ Guarantees, as urllib3 gives them to `HttpBackend`:
   connection (it closes its copies of the parent's sockets, which leaves the parent's alone);
 * errors say what the caller may do: `ConnectError` (and `ConnectTimeout`, `TLSError`) means
   the server never got the request, so it is safe to send it elsewhere; `ReadTimeout` and
-  `ProtocolError` mean it may have been acted on.
+  `ProtocolError` mean it may have been acted on. All are `BackendError`s.
 
 The timeout applies to connecting (TCP and TLS handshake) and to each wait on the socket
-afterwards, as urllib3's float timeout does; it is not a deadline for the whole call.
+afterwards, as urllib3's float timeout does; it is not a deadline for the whole call. There
+are no proxies, redirects, decompression (``Accept-Encoding: identity`` is sent unless the
+caller sets it), ``Expect: 100-continue``, streaming or HTTP/2: whole bodies are read.
 """
 
 from __future__ import annotations
@@ -42,19 +44,14 @@ import ssl
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 
-from .errors import DispatcherError
-
-__all__ = [
-    "ConnectError",
-    "ConnectTimeout",
-    "Headers",
-    "HttpClient",
-    "HttpClientError",
-    "ProtocolError",
-    "ReadTimeout",
-    "Response",
-    "TLSError",
-]
+from .errors import (
+    ConnectError,
+    ConnectTimeout,
+    InvalidRequest,
+    ProtocolError,
+    ReadTimeout,
+    TLSError,
+)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods sent again after a reused connection died before any byte of its answer."""
@@ -66,57 +63,53 @@ _bad_target = re.compile(r"[\x00-\x20\x7f]").search
 _bad_value = re.compile(r"[\r\n\x00]").search
 
 
-class HttpClientError(DispatcherError):
-    """Base of what `HttpClient.request` raises when a call got no complete answer."""
+def check_method(method: str) -> None:
+    """Raise `InvalidRequest` unless `method` is an HTTP token (``GET``, ``POST``...)."""
+    if not isinstance(method, str) or not _token(method):
+        raise InvalidRequest(f"invalid method {method!r}")
 
 
-class ConnectError(HttpClientError):
-    """No connection could be made, or the request could not be written on a new one.
-
-    The server did not get the whole request: sending it again, to it or elsewhere, is safe.
-    """
-
-
-class ConnectTimeout(ConnectError, TimeoutError):
-    """Connecting (TCP, or the TLS handshake) took longer than the timeout."""
+def check_target(path: str) -> None:
+    """Raise `InvalidRequest` unless `path` is an origin-form target: ``/`` then printable
+    ASCII with no space (percent-encode the rest), a query allowed."""
+    if not isinstance(path, str) or not path.startswith("/") or not path.isascii():
+        raise InvalidRequest(f"invalid request path {path!r}: it must start with '/'")
+    if _bad_target(path):
+        raise InvalidRequest(f"invalid request path {path!r}: percent-encode spaces and controls")
 
 
-class TLSError(ConnectError):
-    """The TLS handshake failed: a certificate that does not verify, a name that does not
-    match it, no protocol or cipher in common."""
-
-
-class ReadTimeout(HttpClientError, TimeoutError):
-    """The request was being written or its answer awaited when the timeout passed: the server
-    may have got it and acted on it."""
-
-
-class ProtocolError(HttpClientError):
-    """The connection broke, or the answer was not HTTP/1.1, after the request was written:
-    the server may have got it and acted on it."""
+def check_header(name: str, value: str) -> None:
+    """Raise `InvalidRequest` unless `name` is a token and `value` a string with no CR, LF
+    or NUL (which would end the header, or the head, early)."""
+    if not isinstance(name, str) or not _token(name):
+        raise InvalidRequest(f"invalid header name {name!r}")
+    if not isinstance(value, str) or _bad_value(value):
+        raise InvalidRequest(f"invalid value for header {name!r}: {value!r}")
 
 
 class _Resend(Exception):
     """A reused connection failed in a way that allows sending the request again."""
 
 
-class Headers(Mapping[str, str]):
-    """Response headers: looked up without regard to case, repeated ones kept.
+class HttpHeaders(Mapping[str, str]):
+    """Headers of an answer: looked up without regard to case, repeated ones kept.
 
     ``headers[name]`` (and ``get``) gives every value of that name joined by ``", "``, as
-    urllib3's headers do; `get_all` gives them one by one (the way to read ``Set-Cookie``).
-    Iterating gives each name once, spelled as it first came; `multi_items` gives every line.
+    urllib3's and requests' headers do; `get_all` gives them one by one (the way to read
+    ``Set-Cookie``). Iterating gives each name once, spelled as it first came; `multi_items`
+    gives every line. Made from ``(name, value)`` pairs or from a mapping.
     """
 
     __slots__ = ("_joined", "_lines")
 
-    def __init__(self, lines: Iterable[tuple[str, str]] = ()) -> None:
-        self._lines = list(lines)
+    def __init__(self, lines: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> None:
+        pairs = list(lines.items() if isinstance(lines, Mapping) else lines)
         joined: dict[str, str] = {}
-        for name, value in self._lines:
+        for name, value in pairs:
             key = name.lower()
             earlier = joined.get(key)
             joined[key] = value if earlier is None else f"{earlier}, {value}"
+        self._lines = pairs
         self._joined = joined
 
     def __getitem__(self, name: str) -> str:
@@ -148,16 +141,19 @@ class Headers(Mapping[str, str]):
         """Every header line as ``(name, value)``, in the order they came."""
         return list(self._lines)
 
+    def __reduce__(self) -> tuple[type[HttpHeaders], tuple[list[tuple[str, str]]]]:
+        return (type(self), (self._lines,))
+
     def __repr__(self) -> str:
-        return f"Headers({self._lines!r})"
+        return f"HttpHeaders({self._lines!r})"
 
 
 class Response:
-    """A complete answer: status, reason phrase, `Headers` and the whole body."""
+    """A complete answer: status, reason phrase, `HttpHeaders` and the whole body."""
 
     __slots__ = ("body", "headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+    def __init__(self, status: int, reason: str, headers: HttpHeaders, body: bytes) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -175,6 +171,8 @@ class _Answer(http.client.HTTPResponse):
     """
 
     started = False
+    head = False
+    """Whether the request was a HEAD, whose answer has no body whatever its headers say."""
 
     def begin(self) -> None:
         fp = self.fp
@@ -198,7 +196,7 @@ class _Answer(http.client.HTTPResponse):
         self.code = self.status = status
         self.reason = reason.strip()
         self.version = 10 if version == "HTTP/1.0" else 11
-        headers = Headers(lines)
+        headers = HttpHeaders(lines)
         self.headers = self.msg = headers  # type: ignore[assignment]
         connection = (headers.get("connection") or "").lower()
         if self.version == 11:
@@ -220,7 +218,7 @@ class _Answer(http.client.HTTPResponse):
                 if values or not length.isdigit():
                     raise http.client.HTTPException(f"bad Content-Length: {lengths!r}")
                 self.length = int(length)
-        if status in (204, 304) or status < 200 or self._method == "HEAD":  # type: ignore[attr-defined]
+        if status in (204, 304) or status < 200 or self.head:
             self.length = 0
         if self.length is None and not self.chunked:
             self.will_close = True
@@ -262,33 +260,35 @@ class _Connection(http.client.HTTPConnection):
         timeout: float | None,
         context: ssl.SSLContext | None,
         server_hostname: str,
+        addr: str,
     ) -> None:
         super().__init__(host, port, timeout)
         self.context = context
         self.server_hostname = server_hostname
+        self.addr = addr
         self.poller = select.poll()
 
     def connect(self) -> None:
-        where = f"{self.host}:{self.port}"
+        addr = self.addr
         try:
             sock = socket.create_connection((self.host, self.port), self.timeout)
         except TimeoutError as exc:
-            raise ConnectTimeout(f"connecting to {where}: {exc or 'timed out'}") from exc
+            raise ConnectTimeout(addr, f"connecting: {exc or 'timed out'}") from exc
         except OSError as exc:
-            raise ConnectError(f"connecting to {where}: {exc}") from exc
+            raise ConnectError(addr, f"connecting: {exc}") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_hostname=self.server_hostname)
         except TimeoutError as exc:
             sock.close()
-            raise ConnectTimeout(f"TLS handshake with {where}: {exc or 'timed out'}") from exc
+            raise ConnectTimeout(addr, f"TLS handshake: {exc or 'timed out'}") from exc
         except ssl.SSLError as exc:
             sock.close()
-            raise TLSError(f"TLS handshake with {where}: {exc}") from exc
+            raise TLSError(addr, f"TLS handshake: {exc}") from exc
         except OSError as exc:
             sock.close()
-            raise ConnectError(f"TLS handshake with {where}: {exc}") from exc
+            raise ConnectError(addr, f"TLS handshake: {exc}") from exc
         except BaseException:
             sock.close()
             raise
@@ -361,6 +361,7 @@ class HttpClient:
     flight, and closed after. `timeout` (seconds, None for none) is the default of
     `request`'s. With `ssl_context` the connections speak TLS, and the certificate must be
     valid for `server_hostname` (default `host`), which is also sent as SNI and in ``Host``.
+    `addr` names the server in errors (default ``host:port``).
     """
 
     def __init__(
@@ -372,11 +373,15 @@ class HttpClient:
         server_hostname: str | None = None,
         pool_size: int = 16,
         timeout: float | None = 10.0,
+        addr: str | None = None,
     ) -> None:
         if pool_size < 0:
             raise ValueError(f"pool_size must be >= 0, not {pool_size}")
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
         self.host = host.strip("[]")
         self.port = port
+        self.addr = addr or (f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}")
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or self.host
         self.pool_size = pool_size
@@ -407,7 +412,8 @@ class HttpClient:
         `timeout` None means the client's. `idempotent` says whether the request may be sent
         again after a reused connection died with no answer at all (default: by method).
         Raises `ConnectError`, `ConnectTimeout`, `TLSError`, `ReadTimeout`, `ProtocolError`;
-        ``ValueError`` for a method, target or header that cannot be sent.
+        `InvalidRequest` (a ``ValueError``) for a method, target or header that cannot be
+        sent, before anything is sent.
         """
         data = self._head(method, path, body, headers)
         if body:
@@ -424,7 +430,9 @@ class HttpClient:
                 return self._exchange(idle, conn, method, data, timeout, resend)
             except _Resend:
                 pass
-        conn = _Connection(self.host, self.port, timeout, self.ssl_context, self.server_hostname)
+        conn = _Connection(
+            self.host, self.port, timeout, self.ssl_context, self.server_hostname, self.addr
+        )
         conn.connect()
         return self._exchange(idle, conn, method, data, timeout, None)
 
@@ -447,27 +455,29 @@ class HttpClient:
             sock.sendall(data)
         except TimeoutError as exc:
             conn.close()
-            raise ReadTimeout(f"writing the request: {exc or 'timed out'}") from exc
+            raise ReadTimeout(self.addr, f"writing the request: {exc or 'timed out'}") from exc
         except OSError as exc:
             conn.close()
             if resend is not None:
                 raise _Resend from exc
-            raise ConnectError(f"writing the request: {exc}") from exc
+            raise ConnectError(self.addr, f"writing the request: {exc}") from exc
         except BaseException:
             conn.close()
             raise
         answer = _Answer(sock, method=method)
+        if method == "HEAD":
+            answer.head = True
         try:
             answer.begin()
             body = answer.read()
         except TimeoutError as exc:
             _drop(conn, answer)
-            raise ReadTimeout(f"waiting for the answer: {exc or 'timed out'}") from exc
+            raise ReadTimeout(self.addr, f"waiting for the answer: {exc or 'timed out'}") from exc
         except (OSError, http.client.HTTPException) as exc:
             _drop(conn, answer)
             if resend and not answer.started:
                 raise _Resend from exc
-            raise ProtocolError(f"{type(exc).__name__}: {exc}") from exc
+            raise ProtocolError(self.addr, f"{type(exc).__name__}: {exc}") from exc
         except BaseException:
             _drop(conn, answer)
             raise
@@ -481,9 +491,9 @@ class HttpClient:
         self, method: str, path: str, body: bytes, headers: Mapping[str, str] | None
     ) -> bytes:
         if not _token(method):
-            raise ValueError(f"invalid method {method!r}")
-        if not path or not path.isascii() or _bad_target(path):
-            raise ValueError(f"invalid request target {path!r}")
+            check_method(method)
+        if not path.isascii() or _bad_target(path) or not path.startswith("/"):
+            check_target(path)
         if not headers:
             head = f"{method} {path} HTTP/1.1\r\n{self._fixed}"
             if body or method in _BODY_METHODS:
@@ -493,7 +503,7 @@ class HttpClient:
         names = set()
         for name, value in headers.items():
             if not _token(name) or _bad_value(value):
-                raise ValueError(f"invalid header {name!r}: {value!r}")
+                check_header(name, value)
             parts.append(f"{name}: {value}\r\n")
             names.add(name.lower())
         if "host" not in names:

@@ -1,4 +1,5 @@
-"""The prototype keep-alive client (`dispatcher._http_client`) against real loopback servers.
+"""The keep-alive client under HttpBackend (`dispatcher._http_client`) against real loopback
+servers.
 
 HTTP and HTTPS servers are ``http.server`` ones in threads of this process; the HTTPS ones
 use certificates from a throwaway ``trustme`` CA (the HTTPS tests skip without trustme).
@@ -24,18 +25,17 @@ from typing import Any
 
 import pytest
 
-from dispatcher._http_client import (
+from dispatcher import (
+    BackendError,
     ConnectError,
     ConnectTimeout,
-    Headers,
-    HttpClient,
-    HttpClientError,
+    HttpHeaders,
+    InvalidRequest,
     ProtocolError,
     ReadTimeout,
     TLSError,
-    _Connection,
 )
-from dispatcher.errors import DispatcherError
+from dispatcher._http_client import HttpClient, _Connection
 from tests.helpers import free_port
 
 
@@ -231,11 +231,14 @@ def test_an_answer_with_repeated_headers_read_without_regard_to_case(client: Htt
 
 
 def test_headers_alone() -> None:
-    headers = Headers([("A", "1"), ("b", "2"), ("a", "3")])
+    headers = HttpHeaders([("A", "1"), ("b", "2"), ("a", "3")])
     assert len(headers) == 2 and list(headers) == ["A", "b"]
     assert headers["a"] == "1, 3" and headers.get_all("A") == ["1", "3"]
     with pytest.raises(KeyError):
         headers["c"]
+    copy = pickle.loads(pickle.dumps(headers))
+    assert copy.multi_items() == headers.multi_items() and copy == headers
+    assert HttpHeaders({"Content-Type": "text/plain"})["content-type"] == "text/plain"
 
 
 def test_post_body_and_headers_reach_the_server(client: HttpClient) -> None:
@@ -314,17 +317,21 @@ def test_ipv6_host_in_brackets() -> None:
         stop(server)
 
 
-def test_a_request_that_cannot_be_sent_is_refused_before_sending(client: HttpClient) -> None:
+def test_a_request_that_cannot_be_sent_is_refused_before_sending(
+    server: Server, client: HttpClient
+) -> None:
     for method, path, headers in [
         ("GET", "/ HTTP/1.1\r\nX: y", None),
         ("GET", "/a b", None),
         ("GE T", "/", None),
         ("GET", "/", {"X-Evil": "a\r\nInjected: 1"}),
         ("GET", "/", {"Bad Name": "x"}),
+        ("GET", "users", None),
     ]:
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             client.request(method, path, headers=headers)
     assert client.request("GET", "/").status == 200
+    assert server.requests == [("GET", "/", b"")]
 
 
 # Keep-alive ----------------------------------------------------------------------------------
@@ -452,15 +459,19 @@ def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
             assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, ConnectError)
 
 
-def test_errors_are_dispatcher_errors_and_pickle() -> None:
+def test_errors_are_backend_errors_naming_the_server_and_pickle() -> None:
+    client = HttpClient("127.0.0.1", free_port(), timeout=2, addr="svc:1")
+    with client, pytest.raises(ConnectError) as caught:
+        client.request("GET", "/")
+    assert caught.value.addr == "svc:1" and str(caught.value).startswith("svc:1: connecting")
     for error in [
-        ConnectError("a"),
-        ConnectTimeout("b"),
-        TLSError("c"),
-        ReadTimeout("d"),
-        ProtocolError("e"),
+        ConnectError("h:1", "a"),
+        ConnectTimeout("h:1", "b"),
+        TLSError("h:1", "c"),
+        ReadTimeout("h:1", "d"),
+        ProtocolError("h:1", "e"),
     ]:
-        assert isinstance(error, HttpClientError | DispatcherError)
+        assert isinstance(error, BackendError)
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error)
 
