@@ -18,7 +18,7 @@ import subprocess
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from . import _layout as L
 from . import _monitor
@@ -44,6 +44,7 @@ from ._state import (
 from ._strategies import STRATEGIES, Strategy, make_strategy
 from ._view import BackendStats, Membership, View
 from .errors import (
+    BackendError,
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
@@ -52,6 +53,12 @@ from .errors import (
 )
 
 BackendFactory = Callable[[str], Backend]
+FailureRule = type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool]
+
+DEFAULT_FAILURES: tuple[type[BaseException], ...] = (BackendError, OSError)
+"""What counts as a backend's failure unless a balancer is told otherwise: `BackendError`
+(`HttpBackend`'s connection errors, timeouts and failure statuses) and ``OSError``
+(``ConnectionError``, ``TimeoutError`` and the other I/O errors of any backend)."""
 
 MAX_RETRIES = 100
 RETRY_BUDGET_PERCENT = 20
@@ -72,6 +79,12 @@ class Balancer:
 
     Itself a `Backend`: ``invoke(request, timeout=..., key=...)`` picks a backend, calls it
     outside the shared lock, and records the outcome. See the README for the arguments.
+
+    `counts_as_failure` says which exceptions a backend raises are its failure (counted,
+    toward ejection, retried): exception types, or a predicate ``(exception) -> bool``;
+    `DEFAULT_FAILURES` unless given. Any other exception is the backend's answer about the
+    request: counted as a request with its latency, ending the backend's failure streak, and
+    raised to the caller without a retry.
     """
 
     def __init__(
@@ -91,6 +104,7 @@ class Balancer:
         health_check: HealthCheck | None = None,
         monitor: bool = True,
         shared: bool = True,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> None:
         check_int("capacity", capacity, 1, L.MAX_CAPACITY)
         check_int("max_workers", max_workers, 1, L.MAX_WORKERS)
@@ -103,6 +117,7 @@ class Balancer:
             panic_percent,
         )
         chosen = make_strategy(strategy)
+        is_failure = failure_rule(counts_as_failure)
         if not callable(backend_factory):
             raise TypeError("backend_factory must be callable as backend_factory(addr)")
         if health_check is not None and not isinstance(health_check, HealthCheck):
@@ -131,7 +146,15 @@ class Balancer:
         except BaseException:
             segment.close(unlink=True)
             raise
-        self._setup(segment, strategy, chosen, backend_factory, owner=True, monitor=watcher)
+        self._setup(
+            segment,
+            strategy,
+            chosen,
+            backend_factory,
+            (counts_as_failure, is_failure),
+            owner=True,
+            monitor=watcher,
+        )
 
     def _setup(
         self,
@@ -139,6 +162,7 @@ class Balancer:
         spec: str | Strategy,
         strategy: Strategy,
         backend_factory: BackendFactory,
+        rule: tuple[FailureRule, Callable[[Exception], bool]],
         *,
         owner: bool = False,
         monitor: subprocess.Popen[bytes] | None = None,
@@ -151,6 +175,7 @@ class Balancer:
         self._strategy = strategy
         self._uses_cursor = bool(strategy.uses_cursor)
         self._factory = backend_factory
+        self._failure_rule, self._is_failure = rule
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, segment, owner, monitor)
         self._reset_process()
@@ -171,11 +196,14 @@ class Balancer:
         *,
         backend_factory: BackendFactory = HttpBackend,
         strategy: str | Strategy | None = None,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> Balancer:
         """Attach to the balancer whose segment is `name`, created by another process.
 
-        `strategy` defaults to the owner's, when the owner chose one by name.
+        `strategy` defaults to the owner's, when the owner chose one by name. The failure
+        rule, like the backend factory, is this handle's own (it is code, not shared state).
         """
+        is_failure = failure_rule(counts_as_failure)
         segment = Segment.open(name)
         try:
             if strategy is None:
@@ -189,13 +217,13 @@ class Balancer:
             segment.close()
             raise
         balancer = cls.__new__(cls)
-        balancer._setup(segment, strategy, chosen, backend_factory)
+        balancer._setup(segment, strategy, chosen, backend_factory, (counts_as_failure, is_failure))
         return balancer
 
     def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
         if not self.name:
             raise TypeError("a Balancer made with shared=False lives in one process only")
-        return (_attach_pickled, (self.name, self._factory, self._spec))
+        return (_attach_pickled, (self.name, self._factory, self._spec, self._failure_rule))
 
     # Calls -------------------------------------------------------------------------------
 
@@ -258,9 +286,13 @@ class Balancer:
             response = call[PROXY].invoke(request, timeout=timeout)
             state.finish(call, SUCCESS)
             return response
-        except Exception:
+        except Exception as exc:
             if call[GENERATION] >= 0:
-                state.end_later(call, FAILURE)
+                outcome = FAILURE
+                try:
+                    outcome = FAILURE if self._is_failure(exc) else SUCCESS
+                finally:
+                    state.end_later(call, outcome)
             raise
         except BaseException:
             if call[GENERATION] >= 0:
@@ -294,9 +326,13 @@ class Balancer:
             response = await ainvoke(request, timeout=timeout)
             await off_loop(state.finish, call, SUCCESS)
             return response
-        except Exception:
+        except Exception as exc:
             if call[GENERATION] >= 0:
-                state.unfinished.append((call, outcome))
+                try:
+                    if outcome == FAILURE and not self._is_failure(exc):
+                        outcome = SUCCESS
+                finally:
+                    state.unfinished.append((call, outcome))
                 await off_loop(state.settle)
             raise
         except BaseException:
@@ -330,7 +366,7 @@ class Balancer:
                         raise attempts.failure from None
                     raise
             except Exception as exc:
-                if not attempts.may_retry(exc):
+                if not self._is_failure(exc) or not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
@@ -358,7 +394,7 @@ class Balancer:
                         raise attempts.failure from None
                     raise
             except Exception as exc:
-                if not attempts.may_retry(exc):
+                if not self._is_failure(exc) or not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
@@ -611,8 +647,41 @@ def _close_proxy(proxy: object) -> None:
         close()
 
 
-def _attach_pickled(name: str, backend_factory: BackendFactory, spec: str | Strategy) -> Balancer:
-    return Balancer.attach(name, backend_factory=backend_factory, strategy=spec)
+def _attach_pickled(
+    name: str, backend_factory: BackendFactory, spec: str | Strategy, rule: FailureRule
+) -> Balancer:
+    return Balancer.attach(
+        name, backend_factory=backend_factory, strategy=spec, counts_as_failure=rule
+    )
+
+
+def failure_rule(rule: FailureRule) -> Callable[[Exception], bool]:
+    """The predicate for ``counts_as_failure``: exception types (a tuple, or one), or a
+    callable.
+
+    A predicate that raises counts the exception as a failure (noted on it), so a broken
+    rule can eject a backend but never leave a call counted in flight.
+    """
+    types = (rule,) if isinstance(rule, type) else rule
+    if isinstance(types, tuple):
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+            raise TypeError(f"counts_as_failure must hold exception types, not {rule!r}")
+        return lambda exc: isinstance(exc, types)
+    if not callable(rule):
+        raise TypeError(
+            "counts_as_failure must be a tuple of exception types or a predicate "
+            f"(exception) -> bool, not {rule!r}"
+        )
+    predicate = cast(Callable[[Exception], bool], rule)
+
+    def counts(exc: Exception) -> bool:
+        try:
+            return bool(predicate(exc))
+        except Exception as error:
+            exc.add_note(f"counted as a failure: counts_as_failure raised {error!r}")
+            return True
+
+    return counts
 
 
 def key_hash_of(key: object) -> int:
