@@ -1,4 +1,5 @@
-"""Client CPU per HTTP request: today's HttpBackend against cheaper sync and async clients.
+"""Client CPU per HTTP request: HttpBackend and AsyncHttpBackend against the clients they replaced
+and the ones users already have.
 
 What it measures: the CPU time (user + system, ``time.process_time()``) that THIS process, the
 client, spends per request, over N sequential keep-alive requests to a loopback HTTP/1.1
@@ -9,22 +10,21 @@ two-core machine it mostly says how fast the server and the scheduler were.
 
 Candidates, each making its client fresh in each round and warming it up first:
 
-* ``HttpBackend (today)``: ``dispatcher.HttpBackend.invoke``, urllib3 under it: the baseline;
-* ``urllib3 urlopen as HttpBackend``: the same urllib3 call without dispatcher's wrapping
-  (the baseline over HTTPS, where HttpBackend has no TLS);
+* ``HttpBackend before (urllib3)``: the call the urllib3-based HttpBackend made (urlopen on an
+  ``HTTPConnectionPool``, headers copied): the baseline, over HTTP and HTTPS;
+* ``HttpBackend``: ``dispatcher.HttpBackend.invoke`` on its ``http.client``-based client;
+  ``HttpClient`` is that client alone;
 * ``urllib3 request()`` and ``urllib3 urlopen tuned`` (headers, timeout and retries fixed on
-  the pool, no decoding, no header copy);
-* ``http.client`` (one ``HTTPConnection``, ``request``/``getresponse``/``read``);
-* ``proto HttpClient``: ``dispatcher._http_client``, the proposed pool on ``http.client``;
+  the pool, no decoding, no header copy); ``http.client`` (one ``HTTPConnection``);
 * ``pycurl`` (one ``Curl`` handle reused; header lines collected and parsed, as a backend
   would need them), ``requests.Session``, ``httpx.Client``;
-* async, on one event loop: ``aiohttp.ClientSession``, ``httpx.AsyncClient`` and today's
-  ``AsyncHttpBackend``, sequential awaits and 16 concurrent tasks;
-* 16 threads sharing one ``HttpBackend`` or one proto ``HttpClient``;
+* the adapters: ``requests`` through ``dispatcher.requests.BalancerAdapter`` and ``httpx``
+  through ``dispatcher.httpx.BalancerTransport``, each over a one-backend ``Balancer``;
+* async, on one event loop: ``aiohttp.ClientSession``, ``httpx.AsyncClient`` and
+  ``AsyncHttpBackend`` (on aiohttp), sequential awaits and 16 concurrent tasks;
+* 16 threads sharing one ``HttpBackend``;
 * end to end through a one-backend ``Balancer`` (``least_loaded``, no monitor): ``invoke``
-  with ``HttpBackend`` or a backend on the proto client, ``ainvoke`` with a backend on
-  aiohttp (a session per loop) or today's ``AsyncHttpBackend``: the issue's async target is
-  that the ``ainvoke`` row costs no more than the ``invoke``/``HttpBackend`` one.
+  with ``HttpBackend`` or the urllib3 one it replaced, ``ainvoke`` with ``AsyncHttpBackend``.
 
 Each runs ``GET /`` and a ``POST /`` with a 46-byte JSON body, over HTTP and HTTPS (a
 throwaway CA and certificate from ``trustme``; clients that take an ``ssl.SSLContext`` get
@@ -32,9 +32,9 @@ one, pycurl and requests a CA file). Every round runs every case in a new shuffl
 table shows medians over rounds, and the ratio column is the median of per-round ratios to
 the baseline of the same scheme and method. Clients that are not installed are skipped.
 
-    python scripts/bench_clients.py                 # 7 rounds of 2000 requests a case: ~14 min
+    python scripts/bench_clients.py                 # 7 rounds of 2000 requests a case: ~15 min
     python scripts/bench_clients.py --quick         # 2 rounds of 200: seconds, to check setup
-    python scripts/bench_clients.py --only proto HttpBackend --no-https --rounds 11
+    python scripts/bench_clients.py --only HttpBackend Balancer --no-https --rounds 11
     python scripts/bench_clients.py --json out.json # also keep every round's numbers
 """
 
@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -67,10 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import urllib3
 
-from dispatcher import Balancer
+from dispatcher import BackendError, Balancer, HttpBackend, HttpRequest, HttpResponse
 from dispatcher._http_client import HttpClient
-from dispatcher.backends import HttpBackend, HttpRequest, HttpResponse
-from dispatcher.errors import BackendError
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "_bench_clients_server.py"
@@ -79,7 +76,7 @@ POST_BODY = b'{"user":12345,"query":"balance","limit":10}\n'
 POST_HEADERS = {"Content-Type": "application/json"}
 CONCURRENCY = 16
 TIMEOUT = 10.0
-BASELINE = {"http": "HttpBackend (today)", "https": "urllib3 urlopen as HttpBackend"}
+BASELINE = {"http": "HttpBackend before (urllib3)", "https": "HttpBackend before (urllib3)"}
 
 Answer = tuple[int, bytes]
 SyncCall = Callable[[], Answer]
@@ -121,7 +118,9 @@ class Candidate:
 
 
 def make_http_backend(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
-    backend = HttpBackend(f"{target.host}:{target.port}", timeout=TIMEOUT)
+    backend = HttpBackend(
+        f"{target.host}:{target.port}", ssl_context=target.context, timeout=TIMEOUT
+    )
     request = HttpRequest(req.method, req.path, req.headers or None, req.body)
 
     def call() -> Answer:
@@ -140,7 +139,7 @@ def _urllib3_pool(target: Target, **kwargs: Any) -> urllib3.HTTPConnectionPool:
 
 
 def make_urllib3_as_backend(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
-    """Exactly the urlopen call and copies HttpBackend.invoke makes, without its wrapping."""
+    """Exactly the urlopen call and copies the urllib3-based HttpBackend.invoke made."""
     pool = _urllib3_pool(target, maxsize=16, block=False, retries=False, timeout=TIMEOUT)
 
     def call() -> Answer:
@@ -211,7 +210,7 @@ def make_http_client(target: Target, req: Request) -> tuple[SyncCall, Callable[[
     return call, conn.close
 
 
-def make_proto(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
+def make_client(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
     client = HttpClient(target.host, target.port, ssl_context=target.context, timeout=TIMEOUT)
 
     def call() -> Answer:
@@ -291,6 +290,58 @@ def make_httpx(target: Target, req: Request) -> tuple[SyncCall, Callable[[], Non
     return call, client.close
 
 
+def _one_backend(target: Target) -> Balancer:
+    def factory(addr: str) -> HttpBackend:
+        return HttpBackend(addr, ssl_context=target.context, timeout=TIMEOUT)
+
+    return _balancer(target, factory)
+
+
+def make_requests_adapter(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
+    import requests
+
+    from dispatcher.requests import BalancerAdapter
+
+    balancer = _one_backend(target)
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://svc/", BalancerAdapter(balancer))
+
+    def call() -> Answer:
+        answer = session.request(
+            req.method, "http://svc" + req.path, data=req.body or None, headers=req.headers,
+            timeout=TIMEOUT, allow_redirects=False,
+        )  # fmt: skip
+        return answer.status_code, answer.content
+
+    def close() -> None:
+        session.close()
+        balancer.close()
+
+    return call, close
+
+
+def make_httpx_transport(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
+    import httpx
+
+    from dispatcher.httpx import BalancerTransport
+
+    balancer = _one_backend(target)
+    client = httpx.Client(
+        transport=BalancerTransport(balancer), base_url="http://svc", timeout=TIMEOUT
+    )
+
+    def call() -> Answer:
+        answer = client.request(req.method, req.path, content=req.body or None, headers=req.headers)
+        return answer.status_code, answer.content
+
+    def close() -> None:
+        client.close()
+        balancer.close()
+
+    return call, close
+
+
 # Async clients: await make(target, request) -> (call, aclose) --------------------------------
 
 
@@ -336,7 +387,9 @@ async def make_httpx_async(target: Target, req: Request) -> tuple[AsyncCall, Any
 async def make_async_http_backend(target: Target, req: Request) -> tuple[AsyncCall, Any]:
     from dispatcher.aio import AsyncHttpBackend
 
-    backend = AsyncHttpBackend(f"{target.host}:{target.port}", timeout=TIMEOUT)
+    backend = AsyncHttpBackend(
+        f"{target.host}:{target.port}", ssl_context=target.context, timeout=TIMEOUT
+    )
     request = HttpRequest(req.method, req.path, req.headers or None, req.body)
 
     async def call() -> Answer:
@@ -349,89 +402,36 @@ async def make_async_http_backend(target: Target, req: Request) -> tuple[AsyncCa
 # Through a Balancer: invoke with a sync backend, ainvoke with an async one ----------------------
 
 
-class ProtoBackend:
-    """What HttpBackend would be on the prototype client (no TLS here, as HttpBackend)."""
+class Urllib3Backend:
+    """HttpBackend as it was on urllib3 (keep-alive pool per process, no TLS), to compare."""
 
     def __init__(self, addr: str, *, timeout: float | None = TIMEOUT) -> None:
         self.addr = addr
         host, _, port = addr.rpartition(":")
-        self._client = HttpClient(host, int(port), timeout=timeout)
+        self._pool = urllib3.HTTPConnectionPool(
+            host, int(port), maxsize=16, block=False, retries=False, timeout=timeout
+        )
+        self._timeout = timeout
 
     def invoke(self, request: HttpRequest, *, timeout: float | None = None) -> HttpResponse:
         try:
-            answer = self._client.request(
+            answer = self._pool.urlopen(
                 request.method,
                 request.path,
-                body=request.body,
-                headers=request.headers,
-                timeout=timeout,
+                body=request.body or None,
+                headers=dict(request.headers or {}),
+                retries=False,
+                redirect=False,
+                timeout=self._timeout if timeout is None else timeout,
             )
-        except Exception as exc:  # the prototype's errors, as HttpBackend maps urllib3's
+        except urllib3.exceptions.HTTPError as exc:
             raise BackendError(self.addr, f"{type(exc).__name__}: {exc}") from exc
         if answer.status >= 500:
             raise BackendError(self.addr, f"HTTP {answer.status}", status=answer.status)
-        return HttpResponse(answer.status, answer.headers, answer.body)
+        return HttpResponse(answer.status, dict(answer.headers), answer.data)
 
     def close(self) -> None:
-        self._client.close()
-
-
-class AiohttpBackend:
-    """What AsyncHttpBackend would be on aiohttp: a session per event loop, as today's keeps an
-    httpx client per loop (a session and its connections belong to one loop)."""
-
-    def __init__(self, addr: str, *, timeout: float | None = TIMEOUT) -> None:
-        import aiohttp
-
-        self.addr = addr
-        self._base = f"http://{addr}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _session(self) -> Any:
-        import aiohttp
-
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None:
-            session = aiohttp.ClientSession(
-                self._base,
-                connector=aiohttp.TCPConnector(limit=CONCURRENCY),
-                timeout=self._timeout,
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-            self._sessions[loop] = session
-        return session
-
-    async def ainvoke(self, request: HttpRequest, *, timeout: float | None = None) -> HttpResponse:
-        import aiohttp
-
-        extra = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
-        try:
-            async with self._session().request(
-                request.method,
-                request.path,
-                data=request.body or None,
-                headers=request.headers,
-                **extra,
-            ) as answer:
-                body = await answer.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendError(self.addr, f"{type(exc).__name__}: {exc}") from exc
-        if answer.status >= 500:
-            raise BackendError(self.addr, f"HTTP {answer.status}", status=answer.status)
-        return HttpResponse(answer.status, answer.headers, body)
-
-    async def aclose(self) -> None:
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
-        if session is not None:
-            await session.close()
-
-    def close(self) -> None:
-        self._sessions = weakref.WeakKeyDictionary()
+        self._pool.close()
 
 
 def _balancer(target: Target, factory: Callable[[str], Any]) -> Balancer:
@@ -443,9 +443,11 @@ def _balancer(target: Target, factory: Callable[[str], Any]) -> Balancer:
     )
 
 
-def balancer_invoke(factory: Callable[[str], Any]) -> Callable[..., Any]:
+def balancer_invoke(factory: Callable[[str], Any] | None = None) -> Callable[..., Any]:
+    """`Balancer.invoke` over one backend: `factory`'s, or an `HttpBackend` for the target."""
+
     def make(target: Target, req: Request) -> tuple[SyncCall, Callable[[], None]]:
-        balancer = _balancer(target, factory)
+        balancer = _one_backend(target) if factory is None else _balancer(target, factory)
         request = HttpRequest(req.method, req.path, req.headers or None, req.body)
 
         def call() -> Answer:
@@ -457,51 +459,42 @@ def balancer_invoke(factory: Callable[[str], Any]) -> Callable[..., Any]:
     return make
 
 
-def balancer_ainvoke(factory: Callable[[str], Any]) -> Callable[..., Any]:
-    async def make(target: Target, req: Request) -> tuple[AsyncCall, Any]:
-        from dispatcher.aio import aclose
+async def balancer_ainvoke(target: Target, req: Request) -> tuple[AsyncCall, Any]:
+    """`Balancer.ainvoke` over one `AsyncHttpBackend`."""
+    from dispatcher.aio import AsyncHttpBackend, aclose
 
-        balancer = _balancer(target, factory)
-        request = HttpRequest(req.method, req.path, req.headers or None, req.body)
+    def factory(addr: str) -> AsyncHttpBackend:
+        return AsyncHttpBackend(addr, ssl_context=target.context, timeout=TIMEOUT)
 
-        async def call() -> Answer:
-            answer = await balancer.ainvoke(request)
-            return answer.status, answer.body
+    balancer = _balancer(target, factory)
+    request = HttpRequest(req.method, req.path, req.headers or None, req.body)
 
-        async def close() -> None:
-            await aclose(balancer)
-            balancer.close()
+    async def call() -> Answer:
+        answer = await balancer.ainvoke(request)
+        return answer.status, answer.body
 
-        return call, close
+    async def close() -> None:
+        await aclose(balancer)
+        balancer.close()
 
-    return make
-
-
-def async_http_backend(addr: str) -> Any:
-    from dispatcher.aio import AsyncHttpBackend
-
-    return AsyncHttpBackend(addr, timeout=TIMEOUT)
+    return call, close
 
 
 CANDIDATES = [
-    Candidate("HttpBackend (today)", "sync", make_http_backend, schemes=("http",)),
-    Candidate("urllib3 urlopen as HttpBackend", "sync", make_urllib3_as_backend),
+    Candidate("HttpBackend before (urllib3)", "sync", make_urllib3_as_backend),
+    Candidate("HttpBackend", "sync", make_http_backend),
+    Candidate("HttpClient", "sync", make_client),
     Candidate("urllib3 request()", "sync", make_urllib3_request),
     Candidate("urllib3 urlopen tuned", "sync", make_urllib3_tuned),
     Candidate("http.client", "sync", make_http_client),
-    Candidate("proto HttpClient", "sync", make_proto),
     Candidate("pycurl", "sync", make_pycurl, needs="pycurl"),
     Candidate("requests.Session", "sync", make_requests, needs="requests"),
+    Candidate("requests + BalancerAdapter", "sync", make_requests_adapter, needs="requests"),
     Candidate("httpx.Client", "sync", make_httpx, needs="httpx"),
+    Candidate("httpx + BalancerTransport", "sync", make_httpx_transport, needs="httpx"),
     Candidate("aiohttp seq", "async", make_aiohttp, needs="aiohttp"),
     Candidate("httpx.AsyncClient seq", "async", make_httpx_async, needs="httpx"),
-    Candidate(
-        "AsyncHttpBackend (today) seq",
-        "async",
-        make_async_http_backend,
-        schemes=("http",),
-        needs="httpx",
-    ),
+    Candidate("AsyncHttpBackend seq", "async", make_async_http_backend, needs="aiohttp"),
     Candidate("aiohttp x16 tasks", "async", make_aiohttp, concurrency=CONCURRENCY, needs="aiohttp"),
     Candidate(
         "httpx.AsyncClient x16 tasks",
@@ -511,31 +504,21 @@ CANDIDATES = [
         needs="httpx",
     ),
     Candidate(
-        "HttpBackend x16 threads",
-        "threads",
-        make_http_backend,
-        schemes=("http",),
-        concurrency=CONCURRENCY,
-    ),
-    Candidate("proto HttpClient x16 threads", "threads", make_proto, concurrency=CONCURRENCY),
-    Candidate(
-        "Balancer.invoke, HttpBackend", "sync", balancer_invoke(HttpBackend), schemes=("http",)
-    ),
-    Candidate("Balancer.invoke, proto", "sync", balancer_invoke(ProtoBackend), schemes=("http",)),
-    Candidate(
-        "Balancer.ainvoke, aiohttp",
+        "AsyncHttpBackend x16 tasks",
         "async",
-        balancer_ainvoke(AiohttpBackend),
-        schemes=("http",),
+        make_async_http_backend,
+        concurrency=CONCURRENCY,
         needs="aiohttp",
     ),
+    Candidate("HttpBackend x16 threads", "threads", make_http_backend, concurrency=CONCURRENCY),
     Candidate(
-        "Balancer.ainvoke, AsyncHttpBackend",
-        "async",
-        balancer_ainvoke(async_http_backend),
+        "Balancer.invoke, urllib3 backend before",
+        "sync",
+        balancer_invoke(Urllib3Backend),
         schemes=("http",),
-        needs="httpx",
     ),
+    Candidate("Balancer.invoke, HttpBackend", "sync", balancer_invoke()),
+    Candidate("Balancer.ainvoke, AsyncHttpBackend", "async", balancer_ainvoke, needs="aiohttp"),
 ]
 
 
