@@ -2,8 +2,9 @@
 
 Every public name is here. The modules whose names start with an underscore are the
 implementation and may change in any release; `dispatcher.aio`, `dispatcher.discovery`,
-`dispatcher.gunicorn` and `dispatcher.servers` are public modules for what needs an import of
-its own (async backends, resolvers, server hooks).
+`dispatcher.gunicorn`, `dispatcher.servers`, `dispatcher.requests` and `dispatcher.httpx` are
+public modules for what needs an import of its own (async backends, resolvers, server hooks,
+adapters for the ``requests`` and ``httpx`` libraries).
 """
 
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
