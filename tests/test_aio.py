@@ -5,6 +5,7 @@ timings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import multiprocessing
 import os
@@ -59,7 +60,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("set-cookie", "b=2")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(ConnectionError):  # a client that timed out has gone
+            self.wfile.write(body)
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))

@@ -4,6 +4,7 @@ count nothing, and the rule for what counts as a backend's failure."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -81,7 +82,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(ConnectionError):  # a client that timed out has gone
+            self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
