@@ -9,11 +9,14 @@ adapters for the ``requests`` and ``httpx`` libraries).
 
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
+from ._events import Event
 from ._health import HealthCheck
 from ._http_client import HttpHeaders
+from ._latency import BUCKET_BOUNDS, percentile
 from ._pool import WorkerPool
 from ._strategies import (
     STRATEGIES,
+    ClientSideWeightedRoundRobin,
     ConsistentHash,
     LeastLoaded,
     PeakEwma,
@@ -45,6 +48,7 @@ from .errors import (
     InvalidRequest,
     LockBusy,
     NoBackendAvailable,
+    OptionMismatch,
     ProtocolError,
     ReadTimeout,
     SegmentError,
@@ -55,12 +59,14 @@ from .errors import (
 from .servers import attach_from_env, shared_balancer
 
 __all__ = [
+    "BUCKET_BOUNDS",
     "STRATEGIES",
     "Backend",
     "BackendError",
     "BackendStats",
     "Balancer",
     "CapacityExceeded",
+    "ClientSideWeightedRoundRobin",
     "ConnectError",
     "ConnectTimeout",
     "ConsistentHash",
@@ -70,6 +76,7 @@ __all__ = [
     "DuplicateBackend",
     "EtcdError",
     "EtcdResolver",
+    "Event",
     "HealthCheck",
     "HttpBackend",
     "HttpHeaders",
@@ -80,6 +87,7 @@ __all__ = [
     "LeastLoaded",
     "LockBusy",
     "NoBackendAvailable",
+    "OptionMismatch",
     "PeakEwma",
     "PowerOfTwo",
     "ProtocolError",
@@ -98,6 +106,7 @@ __all__ = [
     "WorkerDied",
     "WorkerPool",
     "attach_from_env",
+    "percentile",
     "reconcile",
     "shared_balancer",
 ]

@@ -8,11 +8,16 @@ the backend proxy of this process answers outside the lock, and the state record
 The process that creates a balancer owns its segment and unlinks it on close. A forked child
 keeps the mapping; a spawned child, or any process given the pickled balancer or its name,
 attaches to it. Each process has its own worker row, proxies and view cache.
+
+`Balancer.shared` makes a balancer that no process owns: the first process of a server to ask
+for a name creates it, the others attach to it, and its monitor removes it when the server is
+gone (see `_segment` and `_monitor`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -20,16 +25,18 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from . import _events, _monitor
 from . import _layout as L
-from . import _monitor
 from ._address import parse_address
 from ._backends import Backend, HttpBackend
 from ._call import Attempts, off_loop
 from ._checks import MAX_WEIGHT, check_int, check_seconds
+from ._events import Listener
 from ._health import HealthCheck
-from ._layout import H_CURSOR, H_VERSION
+from ._layout import H_CURSOR
+from ._orca import WEIGHT_PERIOD_NS
 from ._policy import EjectionPolicy
-from ._segment import Segment
+from ._segment import Scope, Segment
 from ._state import (
     CANCELLED,
     FAILURE,
@@ -43,12 +50,14 @@ from ._state import (
 )
 from ._strategies import STRATEGIES, Strategy, make_strategy
 from ._view import BackendStats, Membership, View
+from ._workers import prefork_siblings
 from .errors import (
     BackendError,
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
     NoBackendAvailable,
+    OptionMismatch,
     SegmentError,
 )
 
@@ -65,13 +74,30 @@ RETRY_BUDGET_PERCENT = 20
 RETRY_MIN_CONCURRENCY = 3
 
 _UNBUILT = -2
-"""The version of the view a balancer starts with, and keeps once closed: no segment has it,
-so the next pick rebuilds the view (or, once closed, refuses)."""
-_NO_VIEW = Membership(View(_UNBUILT, (), (), (), ()), (), frozenset())
-_CLOSED_WORDS = memoryview(bytearray(L.HEADER_WORDS * L.WORD)).cast("q")
-_CLOSED_WORDS[H_VERSION] = L.CLOSED
+_NO_VIEW = Membership(View(_UNBUILT, (), (), (), (), expires_ns=0), (), frozenset())
+"""The view a balancer starts with, and keeps once closed: expired, so the next pick rebuilds
+it (or, once closed, refuses)."""
+_Route = tuple[Membership, dict[int, Backend]]
+"""A membership, and this process's proxy for each of its slots picked so far."""
 
 _balancers: weakref.WeakSet[Balancer] = weakref.WeakSet()
+
+
+class _Shared:
+    """This process's `Balancer.shared` balancers, kept open until it exits; a forked child
+    inherits them, so it shares its parent's (with a fresh lock: another thread may have
+    held this one at the fork)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.balancers: dict[tuple[str, str | None, BackendFactory, FailureRule], Balancer] = {}
+
+
+_shared = _Shared()
+_checked_siblings_in = [-1]
+"""The process that last looked for sibling workers (`_warn_if_unshared_worker`)."""
+
+log = logging.getLogger("dispatcher")
 
 
 class Balancer:
@@ -102,47 +128,47 @@ class Balancer:
         slow_start_seconds: float = 0.0,
         panic_percent: int = 50,
         health_check: HealthCheck | None = None,
+        latency: bool | None = None,
         monitor: bool = True,
         shared: bool = True,
+        on_event: Listener | None = None,
         counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> None:
-        check_int("capacity", capacity, 1, L.MAX_CAPACITY)
-        check_int("max_workers", max_workers, 1, L.MAX_WORKERS)
-        policy = EjectionPolicy.from_seconds(
+        if health_check is not None and not (shared and monitor):
+            raise ValueError(
+                "health checks run in the monitor: they need shared=True, monitor=True"
+            )
+        layout, policy, chosen, parsed = _validate(
+            addrs,
+            backend_factory,
+            strategy,
+            capacity,
+            max_workers,
             failure_threshold,
             ejection_seconds,
             max_ejection_seconds,
             max_ejected_percent,
             slow_start_seconds,
             panic_percent,
+            health_check,
         )
-        chosen = make_strategy(strategy)
         is_failure = failure_rule(counts_as_failure)
-        if not callable(backend_factory):
-            raise TypeError("backend_factory must be callable as backend_factory(addr)")
-        if health_check is not None and not isinstance(health_check, HealthCheck):
-            raise TypeError("health_check must be a dispatcher.HealthCheck")
-        if health_check is not None and not (shared and monitor):
-            raise ValueError(
-                "health checks run in the monitor: they need shared=True, monitor=True"
-            )
-        if isinstance(addrs, str):
-            raise TypeError("addrs must be an iterable of 'host:port' strings, not one string")
-        parsed = [parse_address(addr) for addr in addrs]
-        for i, addr in enumerate(parsed):
-            if addr in parsed[:i]:
-                raise DuplicateBackend(addr)
-        if len(parsed) > capacity:
-            raise CapacityExceeded(f"{len(parsed)} addresses do not fit capacity={capacity}")
-
-        layout = L.Layout(capacity, max_workers)
+        _events.check_listener(on_event, shared)
         name = strategy if isinstance(strategy, str) else ""
         segment = Segment.create(layout, policy, parsed, strategy_name=name, shared=shared)
+        if latency is None:
+            latency = bool(getattr(chosen, "uses_latency", False))
+        segment.state.record_latency(bool(latency))
+        if shared:
+            log.info("balancer %s created, owned by process %d", segment.name, os.getpid())
+            _warn_if_unshared_worker()
         try:
             watcher = None
             if shared and monitor:
-                _monitor.configure(segment, health_check)
+                _monitor.configure(segment, health_check, on_event)
                 watcher = _monitor.start(segment.name)
+            elif on_event is not None:
+                _events.store_spec(segment, None, on_event)
         except BaseException:
             segment.close(unlink=True)
             raise
@@ -155,6 +181,8 @@ class Balancer:
             owner=True,
             monitor=watcher,
         )
+        for addr in parsed:
+            _events.membership(segment, _events.REGISTERED, addr, "at creation, weight 1")
 
     def _setup(
         self,
@@ -174,6 +202,7 @@ class Balancer:
         self._spec = spec
         self._strategy = strategy
         self._uses_cursor = bool(strategy.uses_cursor)
+        self._uses_reports = bool(getattr(strategy, "uses_load_reports", False))
         self._factory = backend_factory
         self._failure_rule, self._is_failure = rule
         self._closed = False
@@ -184,8 +213,111 @@ class Balancer:
     def _reset_process(self) -> None:
         """Forget everything that belongs to one process: proxies, view cache."""
         self._proxies: dict[str, Backend] = {}
-        self._membership = _NO_VIEW
+        self._route: _Route = (_NO_VIEW, {})
         self._local_lock = threading.Lock()
+
+    # One per server -----------------------------------------------------------------------
+
+    @classmethod
+    def shared(
+        cls,
+        name: str,
+        addrs: Iterable[str] = (),
+        *,
+        scope: str | None = None,
+        backend_factory: BackendFactory = HttpBackend,
+        strategy: str | Strategy = "round_robin",
+        capacity: int = 64,
+        max_workers: int = 128,
+        failure_threshold: int = 5,
+        ejection_seconds: float = 30.0,
+        max_ejection_seconds: float = 300.0,
+        max_ejected_percent: int = 50,
+        slow_start_seconds: float = 0.0,
+        panic_percent: int = 50,
+        health_check: HealthCheck | None = None,
+        latency: bool | None = None,
+        on_event: Listener | None = None,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
+    ) -> Balancer:
+        """The one balancer called `name` in this server, whichever of its processes asks first.
+
+        The server is, by default, the processes that share this one's parent process (by pid
+        and start time: the workers of a gunicorn, uvicorn, hypercorn, uWSGI or Celery
+        master, of a `multiprocessing` pool's parent); `scope` names another group. The first
+        caller creates the balancer, the others attach to it (processes that call at the same
+        instant included), and a forked child gets its parent's. Options are `Balancer`'s;
+        a later caller whose options or `addrs` differ from the creator's gets
+        `OptionMismatch`. `backend_factory` and `counts_as_failure` are each process's own.
+
+        No process owns it: it outlives any one worker, and its monitor process, which also
+        reaps dead workers and runs the health checks, removes it once no process of the
+        server holds it (at once when the parent is gone, after a few seconds otherwise).
+        The same call again in this process returns the same object.
+        """
+        Scope.check(name, scope)
+        layout, policy, chosen, parsed = _validate(
+            addrs,
+            backend_factory,
+            strategy,
+            capacity,
+            max_workers,
+            failure_threshold,
+            ejection_seconds,
+            max_ejection_seconds,
+            max_ejected_percent,
+            slow_start_seconds,
+            panic_percent,
+            health_check,
+        )
+        is_failure = failure_rule(counts_as_failure)
+        _events.check_listener(on_event, True)
+        if latency is None:
+            latency = bool(getattr(chosen, "uses_latency", False))
+        wanted = _Wanted(name, layout, policy, strategy, parsed, health_check)
+        key = (name, scope, backend_factory, counts_as_failure)
+        with _shared.lock:
+            found = _shared.balancers.get(key)
+            if found is not None and not found.closed and not found._segment.closed_by_owner:
+                wanted.compare(found._segment)
+                found._segment.claim_row()
+                return found
+            where = Scope.of(name, scope)
+
+            def create() -> Segment:
+                segment = Segment.create(
+                    layout,
+                    policy,
+                    parsed,
+                    strategy_name=wanted.strategy_name,
+                    scope=where,
+                    digests=(wanted.strategy_digest, wanted.addrs_digest),
+                )
+                segment.state.record_latency(bool(latency))
+                return segment
+
+            started: list[subprocess.Popen[bytes]] = []
+
+            def start(segment: Segment) -> None:
+                _monitor.configure(segment, health_check, on_event)
+                started.append(_monitor.start(segment.name, detach=True, announce=True, wait=False))
+
+            try:
+                segment, created = Segment.shared(where, create, start, wanted.compare)
+            finally:
+                for process in started:  # the monitor's first process: it forks and exits
+                    process.wait()
+            try:
+                if not created:
+                    _monitor.check(segment, segment.state.clock())
+                balancer = cls.__new__(cls)
+                rule = (counts_as_failure, is_failure)
+                balancer._setup(segment, strategy, chosen, backend_factory, rule)
+            except BaseException:
+                segment.close()
+                raise
+            _shared.balancers[key] = balancer
+        return balancer  # its monitor logs the segment's name once, at creation
 
     # Attaching ---------------------------------------------------------------------------
 
@@ -284,7 +416,10 @@ class Balancer:
             if tried is not None:
                 tried.add(call[SLOT])
             response = call[PROXY].invoke(request, timeout=timeout)
-            state.finish(call, SUCCESS)
+            if self._uses_reports:
+                state.finish(call, SUCCESS, True, getattr(response, "load_report", None))
+            else:
+                state.finish(call, SUCCESS)
             return response
         except Exception as exc:
             if call[GENERATION] >= 0:
@@ -324,7 +459,8 @@ class Balancer:
                 )
             outcome = FAILURE
             response = await ainvoke(request, timeout=timeout)
-            await off_loop(state.finish, call, SUCCESS)
+            report = getattr(response, "load_report", None) if self._uses_reports else None
+            await off_loop(_finish_with, state, call, report)
             return response
         except Exception as exc:
             if call[GENERATION] >= 0:
@@ -402,7 +538,7 @@ class Balancer:
 
     def _retry_limit(self) -> int:
         """Envoy's retry budget: retries under way may be 20% of calls in flight, at least 3."""
-        view = self._membership.view
+        view = self._route[0].view
         in_flight = sum(view.in_flight[slot] for slot in view.slots)
         return max(RETRY_MIN_CONCURRENCY, in_flight * RETRY_BUDGET_PERCENT // 100)
 
@@ -422,48 +558,56 @@ class Balancer:
         counted nothing, instead of waiting for a lock that stays taken.
         """
         state = self._state
-        if state.own_row < 0:
-            self._live_state()
-            self._segment.claim_row(blocking)
         if state.unfinished:
             state.settle(blocking)
-        words, strategy, commit, clock = self._words, self._strategy, state.commit, state.clock
+        strategy, commit, clock = self._strategy, state.commit, state.clock
+        route = self._route
         try:
             while True:
                 now = clock()
-                membership = self._membership
+                membership, proxies = route
                 view = membership.view
-                if view.version != words[H_VERSION] or now >= view.expires_ns:
-                    membership = self._refresh(now, blocking)
+                if now >= view.expires_ns:  # a view with no slot has expired already
+                    membership, proxies = route = self._refresh(now, blocking)
                     view = membership.view
-                if not view.slots:
-                    reason = self._why_none() if blocking else "no eligible backend"
-                    raise NoBackendAvailable(reason)
-                cursor = words[H_CURSOR] if self._uses_cursor else -1
+                    if not view.slots:
+                        reason = self._why_none() if blocking else "no eligible backend"
+                        raise NoBackendAvailable(reason)
+                cursor = self._words[H_CURSOR] if self._uses_cursor else -1
                 slot = strategy.pick(view, cursor, key)
                 if exclude and slot in exclude:
                     slot, cursor = _least_loaded_except(view, exclude), -1
-                addr = membership.addrs[slot] if 0 <= slot < len(membership.addrs) else None
-                if addr is None:
-                    raise DispatcherError(f"{strategy!r} chose {slot!r}, not one of {view.slots}")
                 # The proxy exists before the call is counted: a factory that raises counts
                 # nothing.
-                proxy = self._proxies.get(addr)
-                if proxy is None:
-                    proxy = self._proxy(addr)
-                call[SLOT], call[PROXY], call[START] = slot, proxy, now
+                try:
+                    proxy = proxies[slot]
+                except KeyError:
+                    proxy = self._proxy_of(slot, membership, proxies)
+                call[SLOT] = slot
+                call[PROXY] = proxy
+                call[START] = now if view.timed else 0
                 if commit(view.version, slot, cursor, call, blocking):
                     return
+                # The membership changed since the view was built: build it again.
+                route = self._refresh(now, blocking)
         except ValueError:
             if self._closed or state.closed:  # closed by another thread meanwhile
                 raise SegmentError("this balancer is closed") from None
             raise
 
-    def _refresh(self, now: int, blocking: bool = True) -> Membership:
+    def _refresh(self, now: int, blocking: bool = True) -> _Route:
+        """This process's route from a new view; claims a worker row on its first call."""
         if self._closed:
             raise SegmentError("this balancer is closed")
-        membership = self._state.membership(now, blocking)
-        self._membership = membership
+        state = self._state
+        if state.own_row < 0:
+            self._segment.claim_row(blocking)
+        if self._uses_reports:
+            state.weigh_reports(self._strategy.weighing, now, blocking)  # type: ignore[attr-defined]
+        membership = state.membership(
+            now, blocking, WEIGHT_PERIOD_NS if self._uses_reports else None
+        )
+        route = self._route = (membership, {})
         if blocking:
             _monitor.check(self._segment, now)
         if not self._proxies.keys() <= membership.live:
@@ -471,14 +615,23 @@ class Balancer:
                 gone = [self._proxies.pop(a) for a in self._proxies.keys() - membership.live]
             for proxy in gone:
                 _close_proxy(proxy)
-        return membership
+        return route
 
-    def _proxy(self, addr: str) -> Backend:
+    def _proxy_of(self, slot: int, membership: Membership, proxies: dict[int, Backend]) -> Backend:
+        """The proxy for the backend in `slot` of `membership`, made by the factory on first use
+        in this process; remembered by slot in `proxies`, which lives as long as the view."""
+        addrs = membership.addrs
+        addr = addrs[slot] if type(slot) is int and 0 <= slot < len(addrs) else None
+        if addr is None:
+            raise DispatcherError(
+                f"{self._strategy!r} chose {slot!r}, not one of {membership.view.slots}"
+            )
         with self._local_lock:
             proxy = self._proxies.get(addr)
             if proxy is None:
                 proxy = self._proxies[addr] = self._factory(addr)
-            return proxy
+        proxies[slot] = proxy
+        return proxy
 
     def _why_none(self) -> str:
         stats = self.snapshot()
@@ -493,11 +646,18 @@ class Balancer:
         canonical = parse_address(addr)
         check_int("weight", weight, 1, MAX_WEIGHT)
         self._live_state().register(canonical, weight)
+        _events.membership(self._segment, _events.REGISTERED, canonical, f"weight {weight}")
 
     def unregister(self, addr: str) -> None:
         """Remove a backend at once; calls in flight on it finish and leave no count behind."""
         canonical = parse_address(addr)
         self._live_state().unregister(canonical)
+        _events.membership(
+            self._segment,
+            _events.UNREGISTERED,
+            canonical,
+            "removed; calls in flight leave no trace",
+        )
         with self._local_lock:
             proxy = self._proxies.pop(canonical, None)
         _close_proxy(proxy)
@@ -513,7 +673,11 @@ class Balancer:
 
         Registering the address again before then puts it back in rotation as it was.
         """
-        self._live_state().drain(parse_address(addr))
+        canonical = parse_address(addr)
+        self._live_state().drain(canonical)
+        _events.membership(
+            self._segment, _events.DRAINING, canonical, "no new calls; removed once its calls end"
+        )
 
     def snapshot(self) -> list[BackendStats]:
         """Every registered backend's numbers, as every attached process sees them."""
@@ -527,7 +691,7 @@ class Balancer:
         inside the lock): raise `LockBusy` rather than wait for the lock.
         """
         self._live_state()
-        return self._segment.reap(blocking=blocking)
+        return _events.reap(self._segment, blocking=blocking)[0]
 
     def backends(self) -> list[Backend]:
         """This process's backend proxies, one per address it has called so far."""
@@ -598,8 +762,7 @@ class Balancer:
         if self._closed:
             return
         self._closed = True
-        self._words = _CLOSED_WORDS
-        self._membership = _NO_VIEW
+        self._route = (_NO_VIEW, {})
         with self._local_lock:
             proxies, self._proxies = self._proxies, {}
         try:
@@ -618,6 +781,138 @@ class Balancer:
         role = "owner" if self.is_owner else "attached"
         state = "closed" if self._closed else role
         return f"<Balancer {self.name or 'unshared'} {state} strategy={self._spec!r}>"
+
+
+def _validate(
+    addrs: Iterable[str],
+    backend_factory: BackendFactory,
+    strategy: str | Strategy,
+    capacity: int,
+    max_workers: int,
+    failure_threshold: int,
+    ejection_seconds: float,
+    max_ejection_seconds: float,
+    max_ejected_percent: int,
+    slow_start_seconds: float,
+    panic_percent: int,
+    health_check: HealthCheck | None,
+) -> tuple[L.Layout, EjectionPolicy, Strategy, list[str]]:
+    """`Balancer`'s arguments, checked: the layout, policy, strategy and canonical addresses."""
+    check_int("capacity", capacity, 1, L.MAX_CAPACITY)
+    check_int("max_workers", max_workers, 1, L.MAX_WORKERS)
+    policy = EjectionPolicy.from_seconds(
+        failure_threshold,
+        ejection_seconds,
+        max_ejection_seconds,
+        max_ejected_percent,
+        slow_start_seconds,
+        panic_percent,
+    )
+    chosen = make_strategy(strategy)
+    if not callable(backend_factory):
+        raise TypeError("backend_factory must be callable as backend_factory(addr)")
+    if health_check is not None and not isinstance(health_check, HealthCheck):
+        raise TypeError("health_check must be a dispatcher.HealthCheck")
+    if isinstance(addrs, str):
+        raise TypeError("addrs must be an iterable of 'host:port' strings, not one string")
+    parsed = [parse_address(addr) for addr in addrs]
+    for i, addr in enumerate(parsed):
+        if addr in parsed[:i]:
+            raise DuplicateBackend(addr)
+    if len(parsed) > capacity:
+        raise CapacityExceeded(f"{len(parsed)} addresses do not fit capacity={capacity}")
+    return L.Layout(capacity, max_workers), policy, chosen, parsed
+
+
+_POLICY_OPTIONS = (
+    ("failure_threshold", "failure_threshold", False),
+    ("ejection_seconds", "base_ns", True),
+    ("max_ejection_seconds", "max_ns", True),
+    ("max_ejected_percent", "max_ejected_percent", False),
+    ("slow_start_seconds", "slow_start_ns", True),
+    ("panic_percent", "panic_percent", False),
+)
+"""Each option of the ejection policy: its name, its field, whether the field is in ns."""
+
+
+class _Wanted:
+    """What a `Balancer.shared` caller asks for, to record in a new segment or to compare
+    with what an existing one records."""
+
+    def __init__(
+        self,
+        name: str,
+        layout: L.Layout,
+        policy: EjectionPolicy,
+        strategy: str | Strategy,
+        addrs: list[str],
+        health_check: HealthCheck | None,
+    ) -> None:
+        self.name = name
+        self.layout = layout
+        self.policy = policy
+        self.strategy = strategy
+        self.strategy_name = strategy if isinstance(strategy, str) else ""
+        kind = type(strategy)
+        self.strategy_digest = (
+            0 if isinstance(strategy, str) else _digest(f"{kind.__module__}.{kind.__qualname__}")
+        )
+        self.addrs = sorted(addrs)
+        self.addrs_digest = _digest("\n".join(self.addrs))
+        self.health_check = health_check
+
+    def compare(self, segment: Segment) -> None:
+        """Raise `OptionMismatch` naming the first option `segment` was made with otherwise."""
+        recorded = segment.recorded()
+
+        def differ(option: str, given: object, existing: object) -> None:
+            if given != existing:
+                raise OptionMismatch(self.name, option, repr(given), repr(existing))
+
+        differ("capacity", self.layout.capacity, recorded.capacity)
+        differ("max_workers", self.layout.max_workers, recorded.max_workers)
+        for option, field, ns in _POLICY_OPTIONS:
+            given, existing = getattr(self.policy, field), getattr(recorded.policy, field)
+            if ns:
+                given, existing = given / 1e9, existing / 1e9
+            differ(option, given, existing)
+        if (self.strategy_name, self.strategy_digest) != (
+            recorded.strategy_name,
+            recorded.strategy_digest,
+        ):
+            shown = recorded.strategy_name or "a custom strategy of another class"
+            raise OptionMismatch(self.name, "strategy", repr(self.strategy), shown)
+        if self.addrs_digest != recorded.addrs_digest:
+            raise OptionMismatch(self.name, "addrs", repr(self.addrs), "another list")
+        differ("health_check", self.health_check, _events.unpack_spec(recorded.spec)[0])
+
+
+def _digest(text: str) -> int:
+    """A signed 64-bit digest of `text`, as a header word holds it."""
+    data = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(data, "little", signed=True)
+
+
+def _warn_if_unshared_worker() -> None:
+    """Once per process: warn when a `Balancer(...)` is made in a worker of a pre-fork server
+    (see `_workers.prefork_siblings`), where each worker would balance alone."""
+    if _checked_siblings_in[0] == os.getpid():
+        return
+    _checked_siblings_in[0] = os.getpid()
+    found = prefork_siblings()
+    if found is None:
+        return
+    siblings, parent, program = found
+    log.warning(
+        "Balancer(...) in process %d makes a balancer of its own, unseen by its %d sibling "
+        "worker process%s of pid %d (%s): each balances alone, blind to the others' load. "
+        "Use Balancer.shared(name, addrs, ...) for one balancer shared by every worker.",
+        os.getpid(),
+        siblings,
+        "es" * (siblings != 1),
+        parent,
+        program,
+    )
 
 
 def open_balancers() -> list[Balancer]:
@@ -697,6 +992,10 @@ def key_hash_of(key: object) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def _finish_with(state: SharedState, call: list[Any], report: Any, blocking: bool = True) -> None:
+    state.finish(call, SUCCESS, blocking, report)
+
+
 def _give_back(state: SharedState) -> Callable[[bool], None]:
     """What undoes a retry taken on a thread for a caller that was cancelled meanwhile."""
 
@@ -708,6 +1007,7 @@ def _give_back(state: SharedState) -> Callable[[bool], None]:
 
 
 def _after_fork_in_child() -> None:
+    _shared.lock = threading.Lock()
     for balancer in open_balancers():
         balancer._reset_process()
 

@@ -13,8 +13,8 @@ are stored field-major, so a strategy scanning the in-flight counts reads one co
     |  lock holder,      | latency histogram: c x BUCKETS words            |
     |  policy, retries,  +-------------------------------------------------+
     |  names, monitor,   | addresses: c x 256 bytes (length byte + ASCII)  |
-    |  monitor's spec    +-------------------------------------------------+
-    |                    | worker rows: w x (PID, START, RETRIES,          |
+    |  scope, digests,   +-------------------------------------------------+
+    |  monitor's spec    | worker rows: w x (PID, START, RETRIES,          |
     |                    |                   IN_FLIGHT[c])                 |
     +--------------------+-------------------------------------------------+
 
@@ -29,7 +29,7 @@ from .errors import SegmentError
 
 WORD = 8
 MAGIC = int.from_bytes(b"dispatch", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAX_CAPACITY = 4096
 """Most backend slots a segment holds: what the lock holds of a pick or a reap grow with."""
 MAX_WORKERS = 1024
@@ -71,6 +71,26 @@ H_MONITOR_PID = 35
 H_MONITOR_START = 36
 H_MONITOR_BEAT_NS = 37
 """When the monitor last went round its loop: a stale beat from a dead pid means restart it."""
+H_LATENCY = 62
+"""Nonzero while every process records each call's latency (histogram and peak EWMA)."""
+H_WEIGHTS_NS = 63
+"""When the weights from backends' reports were last computed (by one process for the host)."""
+H_SCOPE = 38
+"""How the segment ends. OWNED: its owner closes it (or the owner's resource tracker unlinks
+it). Otherwise no process owns it and its monitor removes it once nobody holds it: SCOPE_PARENT
+(`Balancer.shared` by default: the owner words name the parent of the processes that share
+it, the server) or SCOPE_NAMED (an explicit scope string: the owner words are 0)."""
+OWNED = 0
+SCOPE_PARENT = 1
+SCOPE_NAMED = 2
+H_SCOPE_KEY = 39
+"""Two words: the digest of (user, scope, name) that names a shared segment's creation lock."""
+H_ADDRS_DIGEST = 41
+"""A shared segment's creation-time addresses, digested, so later callers can be compared."""
+H_STRATEGY_DIGEST = 42
+"""The digest of a custom strategy's class (0 for a strategy given by name)."""
+H_SHARED_NAME = 48
+"""Start of the name given to `Balancer.shared` (NAME_BYTES bytes, length-prefixed)."""
 H_SPEC = 64
 """Start of the monitor's spec: its health check, pickled, length-prefixed (SPEC_BYTES)."""
 SPEC_BYTES = (HEADER_WORDS - H_SPEC) * WORD
@@ -93,7 +113,27 @@ ROTATION_NS = 12
 """When the slot last entered rotation: registered, or back up after health checks."""
 DOWN = 13
 """Nonzero while active health checks hold the slot out of rotation."""
-SLOT_FIELDS = 14
+FAIL_SCORE = 14
+"""Recent failures, a double that decays with time (`_latency.failure_score`): strategies count
+its whole part as calls in flight, so a backend that fails fast does not look idle."""
+FAIL_STAMP_NS = 15
+REPORT_LOAD = 16
+"""The utilization the backend last reported of itself (ORCA), a double; 0.0: none."""
+REPORT_RPS = 17
+"""Requests per second it last reported serving (from every client), a double."""
+REPORT_EPS = 18
+"""Errors per second it last reported, a double."""
+REPORT_NS = 19
+"""When its last report arrived."""
+REPORT_SINCE_NS = 20
+"""When its current run of reports began (a backend's first reports are not trusted yet)."""
+REPORTED_WEIGHT = 21
+"""The weight computed from the reports, once per host (a double; 0.0: not known)."""
+REQUESTS_MARK = 22
+FAILURES_MARK = 23
+"""Requests and failures when the reported weights were last computed: the rates of the
+calls this host made, for backends that report no rates of their own."""
+SLOT_FIELDS = 24
 
 FREE = 0
 LIVE = 1

@@ -84,9 +84,9 @@ class Semaphore(Protocol):
 # Named semaphores --------------------------------------------------------------------------
 
 
-def new_semaphore() -> tuple[Semaphore, str]:
-    """A fresh owner-only named semaphore and its name, registered with the resource tracker
-    so that it is unlinked if its creator dies without `unlink_semaphore`."""
+def new_semaphore(*, tracked: bool = True) -> tuple[Semaphore, str]:
+    """A fresh owner-only named semaphore and its name; `tracked`: registered with the
+    resource tracker, so that it is unlinked if its creator dies without `unlink_semaphore`."""
     name = SEMAPHORE_PREFIX + secrets.token_hex(8)
     try:
         semaphore: Semaphore = _multiprocessing.SemLock(_SEMAPHORE, 1, 1, name, False)
@@ -94,7 +94,8 @@ def new_semaphore() -> tuple[Semaphore, str]:
         raise SegmentError(_unsupported("SemLock(kind, value, maxvalue, name, unlink)")) from None
     except OSError as exc:
         raise SegmentError(f"cannot create the balancer's lock: {exc}") from None
-    resource_tracker.register(name, "semaphore")
+    if tracked:
+        resource_tracker.register(name, "semaphore")
     return semaphore, name
 
 
@@ -111,15 +112,18 @@ def open_semaphore(name: str) -> Semaphore:
     return semaphore
 
 
-def unlink_semaphore(name: str) -> None:
-    """Remove a semaphore's name: processes that opened it keep using it; nobody new can."""
+def unlink_semaphore(name: str, *, tracked: bool = True) -> None:
+    """Remove a semaphore's name: processes that opened it keep using it; nobody new can.
+
+    `tracked`: it was registered by `new_semaphore` in this process's tracker."""
     try:
         _multiprocessing.sem_unlink(name)
     except FileNotFoundError:
         pass
     except AttributeError:
         raise SegmentError(_unsupported("sem_unlink(name)")) from None
-    resource_tracker.unregister(name, "semaphore")
+    if tracked:
+        resource_tracker.unregister(name, "semaphore")
 
 
 def _unsupported(part: str) -> str:

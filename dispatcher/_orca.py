@@ -22,6 +22,18 @@ from types import MappingProxyType
 
 HEADER = "endpoint-load-metrics"
 
+# Weights from reports, as gRPC's weighted round robin computes them (gRFC A58).
+WEIGHT_PERIOD_NS = 1_000_000_000
+"""How often the weights are computed (once per host)."""
+BLACKOUT_NS = 10_000_000_000
+"""A backend's reports are trusted once it has been reporting for this long."""
+REPORT_EXPIRY_NS = 180_000_000_000
+"""A report this old is forgotten, and the next one starts a new blackout."""
+ERROR_PENALTY = 1.0
+"""A58's ``error_utilization_penalty``: errors per request cost this much utilization."""
+MIN_RATIO, MAX_RATIO = 0.01, 10.0
+"""Weights are kept within these multiples of the mean, as gRPC's scheduler does."""
+
 _SCALARS = (
     "cpu_utilization",
     "mem_utilization",
@@ -114,3 +126,58 @@ def _report(pairs: list[tuple[str, float]]) -> LoadReport:
         named_metrics=MappingProxyType(maps["named_metrics"]),
         utilization=MappingProxyType(maps["utilization"]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """What one backend reported, and what this host saw of it, over the last period."""
+
+    load: float
+    """Its reported utilization (application's, else CPU's); 0.0: none."""
+    rps: float
+    """Its reported requests per second; 0.0: none."""
+    eps: float
+    since_ns: int
+    """When its current run of reports began."""
+    last_ns: int
+    """When its last report arrived; 0: never."""
+    host_rps: float = 0.0
+    """Requests per second this host sent it, for a backend that reports no rates."""
+    host_eps: float = 0.0
+
+
+@dataclass(frozen=True)
+class Weighing:
+    """How reports become weights: gRPC's weighted round robin's settings (gRFC A58)."""
+
+    blackout_ns: int = BLACKOUT_NS
+    expiry_ns: int = REPORT_EXPIRY_NS
+    error_penalty: float = ERROR_PENALTY
+
+    def weight(self, report: Reported, now_ns: int) -> float:
+        """``qps / (utilization + eps / qps * penalty)``; 0.0 when not known (no recent
+        report, still in its blackout, or no rate and no load to weigh)."""
+        if not report.last_ns or now_ns - report.last_ns >= self.expiry_ns:
+            return 0.0
+        if now_ns - report.since_ns < self.blackout_ns:
+            return 0.0
+        rps = report.rps or report.host_rps
+        eps = report.eps if report.rps else report.host_eps
+        if rps <= 0.0 or report.load <= 0.0:
+            return 0.0
+        return rps / (report.load + eps / rps * self.error_penalty)
+
+    def weights(self, reports: list[Reported], now_ns: int) -> list[float]:
+        """Every backend's weight: see `weights_from`."""
+        return weights_from([self.weight(report, now_ns) for report in reports])
+
+
+def weights_from(weights: list[float]) -> list[float]:
+    """Known weights within [MIN_RATIO, MAX_RATIO] x their mean, unknown ones (0.0) at the
+    mean; all 0.0 (use the configured weights) while fewer than two are known."""
+    known = [w for w in weights if w > 0.0]
+    if len(known) < 2:
+        return [0.0] * len(weights)
+    mean = sum(known) / len(known)
+    low, high = MIN_RATIO * mean, MAX_RATIO * mean
+    return [min(max(w, low), high) if w > 0.0 else mean for w in weights]

@@ -22,16 +22,30 @@ from array import array
 from collections.abc import Callable, Sequence
 from itertools import compress
 from time import monotonic_ns
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _layout as L
-from ._latency import peak_ewma, sample_ns
-from ._layout import BUCKETS, H_CURSOR, H_LOCK_PID, H_VERSION, bucket_of
+from ._core import speedups
+from ._latency import (
+    Counters,
+    RecentWindow,
+    failed_once_more,
+    failure_score,
+    peak_ewma,
+    penalty_drops_at,
+    percentiles_ns,
+    sample_ns,
+)
+from ._layout import BUCKETS, DRAINING, H_CURSOR, H_LATENCY, H_LOCK_PID, H_VERSION, bucket_of
 from ._lock import Semaphore, SharedLock
+from ._orca import REPORT_EXPIRY_NS, WEIGHT_PERIOD_NS, LoadReport, Reported, Weighing
 from ._policy import WARMTH_STEPS, EjectionPolicy
 from ._view import BackendStats, Membership, View
 from ._workers import is_alive
 from .errors import CapacityExceeded, DuplicateBackend, SegmentError, UnknownBackend
+
+if TYPE_CHECKING:
+    from ._speedups import HotPath
 
 SUCCESS = 0
 FAILURE = 1
@@ -48,9 +62,52 @@ UNCOUNTED = -1
 """`call[GENERATION]` before `commit` counted the call."""
 ENDED = -2
 """`call[GENERATION]` once `finish` recorded its end (or found nothing to record)."""
+WEIGHT_CHANGE = 0.05
+"""Reported weights that move less than this (relative) leave every process's view as it is."""
+ALL_FIELDS = tuple(range(L.SLOT_FIELDS))
+MEMBERSHIP_FIELDS = (
+    L.STATE,
+    L.GENERATION,
+    L.WEIGHT,
+    L.EJECTED_UNTIL_NS,
+    L.ROTATION_NS,
+    L.DOWN,
+    L.FAIL_SCORE,
+    L.FAIL_STAMP_NS,
+    L.REPORTED_WEIGHT,
+)
+"""What a view is built from: the fields a rebuild copies under the lock."""
+REPORT_FIELDS = (
+    L.REQUESTS,
+    L.FAILURES,
+    L.REPORT_LOAD,
+    L.REPORT_RPS,
+    L.REPORT_EPS,
+    L.REPORT_NS,
+    L.REPORT_SINCE_NS,
+    L.REQUESTS_MARK,
+    L.FAILURES_MARK,
+)
+LOOKUP_TRIES = 3
+"""Lookups before the lock that a moving membership version may void, before one under it."""
+_MOVED = object()
+"""What an update under the lock answers when the version moved since its lookup."""
 VIEW_MAX_AGE_NS = 1_000_000_000
 """With a monitor, a view is rebuilt at least this often, so that every process that picks
 looks at the monitor's heartbeat (`_monitor.check`)."""
+
+
+class _End:
+    """What recording a call's end writes besides the counts, worked out outside the lock."""
+
+    __slots__ = ("bucket", "ewma", "now", "score", "score_was")
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+        self.bucket = -1
+        """The histogram word to count the call in; -1: latency is not recorded."""
+        self.ewma = 0.0
+        self.score = self.score_was = 0.0
 
 
 class SharedState:
@@ -59,6 +116,11 @@ class SharedState:
     `clock` gives every timestamp stored in the segment (CLOCK_MONOTONIC, which Linux shares
     across processes, in nanoseconds); tests replace it to move time at will.
     """
+
+    commit: Callable[[int, int, int, list[Any], bool], bool]
+    """Count a call on a slot: `_commit`, or the compiled core's (`_core`)."""
+    finish: Callable[..., None]
+    """Record a call's end: `_finish`, or the compiled core's (`_core`)."""
 
     def __init__(
         self,
@@ -75,6 +137,7 @@ class SharedState:
         self.own_row = -1
         """Word index of slot 0 of this process's worker row; -1 until it claims one."""
         self.unfinished: list[tuple[list[Any], int]] = []
+        self._address_cache: dict[int, tuple[int, str]] = {}
         """Ends of calls that an interrupt kept from being recorded; `settle` records them."""
         self.closed = False
         self._buf = memoryview(buffer)[: layout.size]
@@ -97,12 +160,24 @@ class SharedState:
         self._stamp = layout.field(L.EWMA_STAMP_NS)
         self._rotation = layout.field(L.ROTATION_NS)
         self._down = layout.field(L.DOWN)
+        self._fail_score = layout.field(L.FAIL_SCORE)
+        """FAIL_STAMP_NS follows it: ``_fail_score + capacity`` is the same slot's stamp."""
         self._hist = layout.histogram
         self._zero_hist = bytes(L.BUCKETS * L.WORD)
         self._zero_rows = memoryview(bytes(layout.max_workers * L.WORD)).cast("q")
         self._zero_counts = memoryview(bytes(c * L.WORD)).cast("q")
         self.in_flight = self._slice(self._words, self._inflight)
+        # The columns the two holds of every call touch, indexed by slot.
+        self._gen_col = self._slice(self._words, self._gen)
+        self._state_col = self._slice(self._words, self._state)
+        self._requests_col = self._slice(self._words, self._requests)
+        self._consecutive_col = self._slice(self._words, self._consecutive)
+        self._no_row = memoryview(bytearray(c * L.WORD)).cast("q")
+        """Where a process without a worker row counts its calls: its own memory."""
+        self._own_col = self._no_row
+        """This process's worker row, by slot (`use_row`)."""
         self.latency = self._slice(self._floats, self._ewma)
+        self.latency_stamps = self._slice(self._words, self._stamp)
         self.lock = SharedLock(
             semaphore,
             self._slice(self._words, H_LOCK_PID, 1),
@@ -112,19 +187,62 @@ class SharedState:
             recovery_fd=recovery_fd,
             behalf=behalf,
         )
+        self._hot = self._compiled(semaphore)
+        self.commit = self._commit if self._hot is None else self._hot.commit
+        self.finish = self._finish if self._hot is None else self._hot.finish
         self._refresh_lock()
         self.policy = EjectionPolicy()
+        self.recent = RecentWindow()
+        """What this process's earlier snapshots saw, for the recent numbers of the next."""
 
     def _slice(self, view: memoryview[T], start: int, length: int = 0) -> memoryview[T]:
         part = view[start : start + (length or self._c)]
         self._views.append(part)
         return part
 
+    def _compiled(self, semaphore: Semaphore) -> HotPath | None:
+        """The compiled core's holds on this segment, if it is there and the lock is a named
+        semaphore (an unshared state's `threading.Lock` is not)."""
+        if speedups is None or not hasattr(semaphore, "handle"):
+            return None
+        hot: HotPath = speedups.HotPath(
+            buffer=self._buf,
+            semaphore=semaphore,
+            commit=self._commit,
+            finish=self._finish,
+            owner=self,
+            header=(H_LOCK_PID, H_VERSION, H_CURSOR),
+            columns=(
+                self._inflight,
+                self._gen,
+                self._state,
+                self._requests,
+                self._consecutive,
+                self._ewma,
+                self._stamp,
+                self._hist,
+            ),
+            capacity=self._c,
+            draining=DRAINING,
+            ended=ENDED,
+            ticket=(SLOT, GENERATION, START),
+        )
+        return hot
+
     def _refresh_lock(self) -> None:
         """Cache what the two hot holds use, straight from the lock."""
         self._take = self.lock.take
         self._release = self.lock.release_semaphore
         self._pid = self.lock.pid
+        if self._hot is not None:
+            self._hot.pid = self._pid
+
+    def use_row(self, base: int) -> None:
+        """Count this process's calls in the worker row whose slot 0 is word `base` (-1: none)."""
+        self.own_row = base
+        self._own_col = self._slice(self._words, base) if base >= 0 else self._no_row
+        if self._hot is not None:
+            self._hot.own_row = base
 
     def release_views(self) -> None:
         """Drop every view of the buffer, so the segment can be closed.
@@ -133,6 +251,8 @@ class SharedState:
         changes anything; the hot paths take that as "closed".
         """
         self.closed = True
+        if self._hot is not None:
+            self._hot.release()
         for view in reversed(self._views):
             view.release()
 
@@ -141,7 +261,7 @@ class SharedState:
         behind (an unshared state's `threading.Lock`)."""
         self.lock.use(semaphore or self.lock.semaphore)
         self._refresh_lock()
-        self.own_row = -1
+        self.use_row(-1)
         self.unfinished = []
 
     # Header ------------------------------------------------------------------------------
@@ -203,7 +323,7 @@ class SharedState:
 
     # The hot path ------------------------------------------------------------------------
 
-    def commit(
+    def _commit(
         self, version: int, slot: int, cursor: int, call: list[Any], blocking: bool = True
     ) -> bool:
         """Count `call` on `slot` if the view it was chosen from still holds; False if stale.
@@ -215,23 +335,24 @@ class SharedState:
         having counted nothing, if the lock stays taken for a few tries.
         """
         words = self._words
-        counted = got = False
         box: list[bool] | None = None
-        # `lock.run`, written out: this and `finish` are the two holds of every call.
+        # `lock.run`, written out: this and `_finish` are the two holds of every call. The
+        # first try is a subscript outside the `try`: nothing can interrupt it before `got`
+        # holds its result (see `_lock`).
+        got = self._take[False]
         try:
-            got = self._take[False]
             if not got:
                 box = [False]
                 self.lock.wait(box, blocking)
                 got = True
             words[H_LOCK_PID] = self._pid
-            if words[H_VERSION] == version and (cursor < 0 or words[H_CURSOR] == cursor):
+            counted = words[H_VERSION] == version and (cursor < 0 or words[H_CURSOR] == cursor)
+            if counted:
                 if cursor >= 0:
                     words[H_CURSOR] = cursor + 1
-                words[self.own_row + slot] += 1
-                words[self._inflight + slot] += 1
-                call[GENERATION] = words[self._gen + slot]
-                counted = True
+                self._own_col[slot] += 1
+                self.in_flight[slot] += 1
+                call[GENERATION] = self._gen_col[slot]
         except BaseException:
             if got or (box is not None and box[0]):
                 try:  # noqa: SIM105
@@ -244,8 +365,16 @@ class SharedState:
         self._release()
         return counted
 
-    def finish(self, call: list[Any], outcome: int, blocking: bool = True) -> None:
-        """Record the end of a call counted by `commit`: in-flight down, outcome, latency.
+    def _finish(
+        self,
+        call: list[Any],
+        outcome: int,
+        blocking: bool = True,
+        report: LoadReport | None = None,
+    ) -> None:
+        """Record the end of a call counted by `commit`: in-flight down, outcome, latency (when
+        the call was timed: a start in ``call[START]``), and the load the backend reported
+        with its answer, if any.
 
         Once: ``call[GENERATION]`` becomes ENDED in the same hold, and a call already ended
         (or never counted) is left alone. A call whose slot was unregistered meanwhile leaves
@@ -255,42 +384,34 @@ class SharedState:
         slot, generation, _, start = call
         if generation < 0:
             return
-        now = self.clock()
+        end = None
+        if outcome != SUCCESS or start or report is not None:
+            end = self._end(slot, outcome, start)
+            if end is None:  # closed in this process: nothing left to record
+                call[GENERATION] = ENDED
+                return
         words = self._words
-        try:
-            average = self._floats[self._ewma + slot]
-            stamp = words[self._stamp + slot]
-        except ValueError:
-            call[GENERATION] = ENDED  # closed in this process: nothing left to record
-            return
-        latency = now - start
-        bucket = self._hist + slot * BUCKETS + bucket_of(latency)
-        sample = sample_ns(latency, outcome == FAILURE)
-        ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
-        got = False
         box: list[bool] | None = None
+        # `lock.run`, written out, as in `_commit`.
+        got = self._take[False]
         try:
-            got = self._take[False]
             if not got:
                 box = [False]
                 self.lock.wait(box, blocking)
                 got = True
             words[H_LOCK_PID] = self._pid
-            if call[GENERATION] == generation and words[self._gen + slot] == generation:
-                words[self._inflight + slot] -= 1
-                words[self.own_row + slot] -= 1
+            if call[GENERATION] == generation and self._gen_col[slot] == generation:
+                in_flight = self.in_flight
+                in_flight[slot] -= 1
+                self._own_col[slot] -= 1
                 call[GENERATION] = ENDED
-                if words[self._inflight + slot] == 0 and words[self._state + slot] == L.DRAINING:
+                if self._state_col[slot] == DRAINING and in_flight[slot] == 0:
                     self._free(slot)  # the backend is gone: its last outcome goes with it
+                elif end is None:
+                    self._requests_col[slot] += 1
+                    self._consecutive_col[slot] = 0
                 elif outcome != CANCELLED:
-                    words[self._requests + slot] += 1
-                    words[bucket] += 1
-                    self._floats[self._ewma + slot] = ewma
-                    words[self._stamp + slot] = now
-                    if outcome == SUCCESS:
-                        words[self._consecutive + slot] = 0
-                    else:
-                        self._record_failure(slot, now)
+                    self._record_end(slot, outcome, end, report)
             else:
                 call[GENERATION] = ENDED
         except BaseException as exc:
@@ -301,11 +422,68 @@ class SharedState:
                     pass
                 self._release()
             if isinstance(exc, ValueError) and self.closed:
-                call[GENERATION] = ENDED
+                call[GENERATION] = ENDED  # closed in this process: nothing left to record
                 return
             raise
         words[H_LOCK_PID] = 0
         self._release()
+
+    def _end(self, slot: int, outcome: int, start: int) -> _End | None:
+        """What recording an end writes, worked out before the lock is taken; `start` is 0 for
+        a call whose latency is not recorded. None if the segment was closed in this process."""
+        now = self.clock()
+        end = _End(now)
+        try:
+            if start:
+                latency = now - start
+                end.bucket = self._hist + slot * BUCKETS + bucket_of(latency)
+                average, stamp = self._floats[self._ewma + slot], self._words[self._stamp + slot]
+                sample = sample_ns(latency, True) if outcome == FAILURE else float(latency)
+                end.ewma = sample if sample >= average else peak_ewma(average, stamp, sample, now)
+            if outcome == FAILURE:
+                at = self._fail_score + slot
+                score, stamp = self._floats[at], self._words[at + self._c]
+                end.score_was = failure_score(score, stamp, now)
+                end.score = failed_once_more(score, stamp, now)
+        except ValueError:
+            if self.closed:
+                return None
+            raise
+        return end
+
+    def _record_end(self, slot: int, outcome: int, end: _End, report: LoadReport | None) -> None:
+        """Lock held. Count an answer or a failure, with what `_end` worked out."""
+        words, now = self._words, end.now
+        words[self._requests + slot] += 1
+        if end.bucket >= 0:
+            words[end.bucket] += 1
+            self._floats[self._ewma + slot] = end.ewma
+            words[self._stamp + slot] = now
+        if report is not None:
+            self._record_report(slot, report, now)
+        if outcome == SUCCESS:
+            words[self._consecutive + slot] = 0
+            return
+        at = self._fail_score + slot
+        self._floats[at] = end.score
+        words[at + self._c] = now
+        if int(end.score) > int(end.score_was):
+            words[H_VERSION] += 1  # the backend looks busier to every pick
+        self._record_failure(slot, now)
+
+    def record_latency(self, on: bool = True) -> None:
+        """Have every process record the latency of each call (histogram and peak EWMA), or
+        stop: what latency-aware strategies, dashboards and metrics read. Calls chosen from a
+        view built after this are timed (`View.timed`): the new version makes every process
+        rebuild its view."""
+        words = self._words
+
+        def update() -> None:
+            if words[H_LATENCY] != on:
+                words[H_LATENCY] = int(on)
+                words[H_VERSION] += 1
+
+        self._locked(update)
 
     def end_later(self, call: list[Any], outcome: int) -> None:
         """Record `call`'s end, surely: queued first, so that an interrupt while it is being
@@ -326,6 +504,17 @@ class SharedState:
                 unfinished.remove(entry)
             except ValueError:  # another thread got there first
                 pass
+
+    def _record_report(self, slot: int, report: LoadReport, now: int) -> None:
+        """Lock held. Keep the load `slot` reported of itself with its answer."""
+        words, floats = self._words, self._floats
+        at = self.layout.field(L.REPORT_NS) + slot
+        if not words[at] or now - words[at] >= REPORT_EXPIRY_NS:
+            words[self.layout.field(L.REPORT_SINCE_NS) + slot] = now
+        floats[self.layout.field(L.REPORT_LOAD) + slot] = report.load
+        floats[self.layout.field(L.REPORT_RPS) + slot] = report.rps_fractional
+        floats[self.layout.field(L.REPORT_EPS) + slot] = report.eps
+        words[at] = now
 
     def _record_failure(self, slot: int, now: int) -> None:
         """Lock held. Count a failure and eject the slot if the policy says so."""
@@ -353,42 +542,85 @@ class SharedState:
     # Membership --------------------------------------------------------------------------
 
     def _copy_slots(
-        self, blocking: bool = True, timeout: float | None = None
-    ) -> tuple[int, memoryview, bytearray]:
-        """The membership version, slot fields (as words) and addresses, copied consistently.
+        self,
+        fields: Sequence[int] = ALL_FIELDS,
+        blocking: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, memoryview, dict[int, str]]:
+        """The membership version and `fields` of every slot, copied together under the lock,
+        as words in the segment's field-major order (fields not asked for read 0); and the
+        address of every registered slot.
 
-        The buffers are allocated before the lock is taken; under it, only two copies run.
+        The buffers are allocated before the lock is taken and only copies run under it. The
+        addresses are read outside it, from this process's cache of them by slot and
+        generation: a slot keeps its address while it stays registered, and its generation
+        moves before a new one is written (`_read_addresses`).
         """
-        lay = self.layout
-        fields_at = slice(lay.field(0) * L.WORD, lay.field(L.SLOT_FIELDS) * L.WORD)
-        addresses_at = slice(lay.addresses, lay.addresses + self._c * L.ADDRESS_BYTES)
-        fields = bytearray(fields_at.stop - fields_at.start)
-        addresses = bytearray(addresses_at.stop - addresses_at.start)
-        source_fields, source_addresses = self._buf[fields_at], self._buf[addresses_at]
+        lay, c = self.layout, self._c
+        wanted = sorted({*fields, L.STATE, L.GENERATION})
+        out = bytearray(L.SLOT_FIELDS * c * L.WORD)
+        sources = [self._buf[lay.field(f) * L.WORD : lay.field(f + 1) * L.WORD] for f in wanted]
+        targets = [slice(f * c * L.WORD, (f + 1) * c * L.WORD) for f in wanted]
 
         def copy() -> int:
-            fields[:] = source_fields
-            addresses[:] = source_addresses
+            for source, target in zip(sources, targets, strict=True):
+                out[target] = source
             return int(self._words[L.H_VERSION])
 
         try:
             version = self._locked(copy, blocking, timeout)
         finally:
-            source_fields.release()
-            source_addresses.release()
-        return version, memoryview(fields).cast("q"), addresses
+            for source in sources:
+                source.release()
+        words = memoryview(out).cast("q")
+        return version, words, self._read_addresses(words)
 
-    def membership(self, now: int, blocking: bool = True) -> Membership:
-        """A consistent copy of who is eligible, taken under the lock and parsed outside it."""
+    def _read_addresses(self, copied: memoryview) -> dict[int, str]:
+        """The address of every slot registered in `copied` (a `_copy_slots` copy), read
+        without the lock. A slot re-registered since the copy has another generation by now:
+        its address is left out (the copy is stale, and the version that came with it says
+        so to whoever uses it)."""
+        c, cache, live = self._c, self._address_cache, self._words
+        states = copied[L.STATE * c : (L.STATE + 1) * c].tolist()
+        generations = copied[L.GENERATION * c : (L.GENERATION + 1) * c].tolist()
+        found: dict[int, str] = {}
+        base = self.layout.addresses
+        for slot, state in enumerate(states):
+            if state == L.FREE:
+                continue
+            generation = generations[slot]
+            known = cache.get(slot)
+            if known is not None and known[0] == generation:
+                found[slot] = known[1]
+                continue
+            offset = base + slot * L.ADDRESS_BYTES
+            addr = L.read_address(bytes(self._buf[offset : offset + L.ADDRESS_BYTES]), 0)
+            if live[self._gen + slot] == generation:
+                cache[slot] = (generation, addr)
+                found[slot] = addr
+        return found
+
+    def membership(
+        self, now: int, blocking: bool = True, max_age_ns: int | None = None
+    ) -> Membership:
+        """A consistent copy of who is eligible, taken under the lock and parsed outside it.
+
+        `max_age_ns`: rebuild the view at least this often (a strategy fed by reports).
+        """
         c = self._c
-        version, f, addresses = self._copy_slots(blocking)
+        version, f, addresses = self._copy_slots(MEMBERSHIP_FIELDS, blocking)
         if version == L.CLOSED:
             raise SegmentError("the balancer was closed by its owner")
+
+        floats = f.cast("b").cast("d")
 
         def column(field: int) -> Sequence[int]:
             return f[(field * c) : (field + 1) * c]
 
         state, weight, down = column(L.STATE), column(L.WEIGHT), column(L.DOWN)
+        scores = floats[L.FAIL_SCORE * c : (L.FAIL_SCORE + 1) * c]
+        score_stamps = column(L.FAIL_STAMP_NS)
+        penalties = [0] * c
         until, rotation_ns = column(L.EJECTED_UNTIL_NS), column(L.ROTATION_NS)
         policy = self.policy
         step = max(policy.slow_start_ns // WARMTH_STEPS, 1)
@@ -398,10 +630,14 @@ class SharedState:
         rotation: list[int] = []
         eligible: list[int] = []
         expires = now + VIEW_MAX_AGE_NS if self._words[L.H_MONITOR] else 1 << 62
+        if max_age_ns is not None:
+            expires = min(expires, now + max_age_ns)
         for slot in range(c):
             if state[slot] == L.FREE:
                 continue
-            addr = addrs[slot] = L.read_address(addresses, slot)
+            addr = addrs[slot] = addresses.get(slot)
+            if addr is None:  # re-registered since the copy: this view is stale already
+                continue
             live.append(addr)
             if state[slot] == L.DRAINING:
                 continue
@@ -414,8 +650,16 @@ class SharedState:
                 if age < policy.slow_start_ns:
                     weights[slot] *= policy.warmth(age)
                     expires = min(expires, now + step)
+            if scores[slot] > 0.0:
+                score = failure_score(scores[slot], score_stamps[slot], now)
+                penalty = penalties[slot] = int(score)
+                if penalty:
+                    expires = min(expires, penalty_drops_at(score, now, penalty))
         panic = policy.panics(len(rotation), len(eligible))
         slots = rotation if panic else eligible
+        if not slots:
+            expires = 0  # rebuilt at every pick, until one is eligible
+        reported = floats[L.REPORTED_WEIGHT * c : (L.REPORTED_WEIGHT + 1) * c]
         view = View(
             version=version,
             slots=tuple(slots),
@@ -424,10 +668,36 @@ class SharedState:
             latency=self.latency,
             expires_ns=expires,
             panic=panic,
+            penalties=tuple(penalties) if any(penalties) else (),
+            penalized=any(penalties),
+            stamps=self.latency_stamps,
+            clock=self.clock,
+            members=tuple(rotation),
+            reported=tuple(reported) if any(reported) else (),
+            timed=bool(self._words[H_LATENCY]),
         )
         picked = set(slots)
         addrs = [addr if slot in picked else None for slot, addr in enumerate(addrs)]
         return Membership(view, tuple(addrs), frozenset(live))
+
+    def populate(self, addrs: Sequence[str]) -> None:
+        """Fill a new segment, before any other process can see it, with `addrs` (canonical,
+        distinct) at weight 1, in slots 0, 1, ...: one hold, not one registration each."""
+        if len(addrs) > self._c:
+            raise CapacityExceeded(f"{len(addrs)} addresses do not fit capacity={self._c}")
+        records = [L.address_record(addr) for addr in addrs]
+        words, buf, base = self._words, self._buf, self.layout.addresses
+
+        def update() -> None:
+            for slot, record in enumerate(records):
+                offset = base + slot * L.ADDRESS_BYTES
+                buf[offset : offset + len(record)] = record
+                words[self._weight + slot] = 1
+                words[self._gen + slot] += 1
+                words[self._state + slot] = L.LIVE
+            words[H_VERSION] += 1
+
+        self._locked(update)
 
     def register(self, addr: str, weight: int, warm_up: bool = True) -> int:
         """Put `addr` (canonical) in a free slot; return the slot.
@@ -438,9 +708,8 @@ class SharedState:
         record = L.address_record(addr)
         now = self.clock()
 
-        def update() -> int:
+        def update(found: int, free: int) -> int:
             words = self._words
-            found = self._find(record)
             if found >= 0 and words[self._state + found] == L.DRAINING:
                 words[self._weight + found] = weight
                 words[self._state + found] = L.LIVE
@@ -448,9 +717,9 @@ class SharedState:
                 return found
             if found >= 0:
                 raise DuplicateBackend(addr)
-            slot = next((s for s in range(self._c) if words[self._state + s] == L.FREE), -1)
-            if slot < 0:
+            if free < 0:
                 raise CapacityExceeded(f"all {self._c} backend slots are in use (capacity)")
+            slot = free
             for field in range(L.SLOT_FIELDS):
                 if field not in (L.STATE, L.GENERATION):
                     words[self.layout.field(field) + slot] = 0
@@ -465,40 +734,34 @@ class SharedState:
             words[L.H_VERSION] += 1
             return slot
 
-        return self._locked(update)
+        return self._on_address(record, update, free=True)
 
     def unregister(self, addr: str) -> int:
         """Free the slot of `addr` at once; calls still in flight on it will leave no trace."""
-        record = L.address_record(addr)
 
-        def update() -> int:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> int:
             if slot < 0:
                 raise UnknownBackend(addr)
             self._free(slot)
             return slot
 
-        return self._locked(update)
+        return self._on_address(L.address_record(addr), update)
 
     def set_weight(self, addr: str, weight: int) -> None:
         """Change the weight of a registered backend; every process sees it on its next pick."""
-        record = L.address_record(addr)
 
-        def update() -> None:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> None:
             if slot < 0:
                 raise UnknownBackend(addr)
             self._words[self._weight + slot] = weight
             self._words[H_VERSION] += 1
 
-        self._locked(update)
+        self._on_address(L.address_record(addr), update)
 
     def drain(self, addr: str) -> int:
         """Take `addr` out of rotation now and free its slot when its last call ends."""
-        record = L.address_record(addr)
 
-        def update() -> int:
-            slot = self._find(record)
+        def update(slot: int, free: int) -> int:
             if slot < 0:
                 raise UnknownBackend(addr)
             if self._words[self._inflight + slot] == 0:
@@ -508,7 +771,51 @@ class SharedState:
                 self._words[H_VERSION] += 1
             return slot
 
-        return self._locked(update)
+        return self._on_address(L.address_record(addr), update)
+
+    def _on_address(
+        self, record: bytes, update: Callable[[int, int], T], *, free: bool = False
+    ) -> T:
+        """``update(slot of record or -1, a free slot or -1)`` under the lock.
+
+        The slots are looked up before the lock is taken, from the membership version seen
+        then: every registration and release bumps it, so if it is unchanged under the lock
+        the lookup still holds, and the hold does no search (at 4096 backends a search takes
+        about a millisecond). A changed version means a new lookup, then a search under the
+        lock if the version keeps moving.
+        """
+        words = self._words
+        for _ in range(LOOKUP_TRIES):
+            version = int(words[H_VERSION])
+            found, spare = self._locate(record), self._free_slot() if free else -1
+
+            def checked(found: int = found, spare: int = spare, version: int = version) -> T:
+                if words[H_VERSION] != version:
+                    return _MOVED  # type: ignore[return-value]
+                return update(found, spare)
+
+            result = self._locked(checked)
+            if result is not _MOVED:
+                return result
+        return self._locked(lambda: update(self._find(record), self._free_slot() if free else -1))
+
+    def _locate(self, record: bytes) -> int:
+        """The registered (live or draining) slot whose address is `record`, or -1; no lock
+        (what it finds holds while the membership version does)."""
+        lay = self.layout
+        region = bytes(self._buf[lay.addresses : lay.addresses + self._c * L.ADDRESS_BYTES])
+        at = region.find(record)
+        while at >= 0:
+            slot, inside = divmod(at, L.ADDRESS_BYTES)
+            if not inside and self._words[self._state + slot] != L.FREE:
+                return slot
+            at = region.find(record, at + 1)
+        return -1
+
+    def _free_slot(self) -> int:
+        """The first free slot, or -1; no lock, as `_locate`."""
+        states = self._words[self._state : self._state + self._c].tolist()
+        return states.index(L.FREE) if L.FREE in states else -1
 
     def _free(self, slot: int) -> None:
         """Lock held. Free `slot`: its generation moves on, so calls still out leave no trace."""
@@ -536,6 +843,74 @@ class SharedState:
             if buf[offset : offset + size] == record:
                 return slot
         return -1
+
+    # Weights from the backends' own reports ---------------------------------------------
+
+    def weigh_reports(self, weighing: Weighing, now: int, blocking: bool = True) -> bool:
+        """If a period went by, compute the weights from the backends' load reports for every
+        process of the host (one of them does it: the first to claim the period), with the
+        rates this host saw for backends that report none. Whether this process did."""
+        words, c = self._words, self._c
+        since = [0]
+
+        def claim() -> bool:
+            since[0] = int(words[L.H_WEIGHTS_NS])
+            if now - since[0] < WEIGHT_PERIOD_NS:
+                return False
+            words[L.H_WEIGHTS_NS] = now
+            return True
+
+        if not self._locked(claim, blocking):
+            return False
+        _, f, _ = self._copy_slots(REPORT_FIELDS, blocking)
+        floats = f.cast("b").cast("d")
+
+        def column(field: int, data: Sequence[Any] = f) -> Sequence[Any]:
+            return data[field * c : (field + 1) * c]
+
+        requests, failures = column(L.REQUESTS), column(L.FAILURES)
+        marks, failure_marks = column(L.REQUESTS_MARK), column(L.FAILURES_MARK)
+        seconds = (now - since[0]) / 1e9 if since[0] else 0.0
+        reports = [
+            Reported(
+                load=load,
+                rps=rps,
+                eps=eps,
+                since_ns=report_since,
+                last_ns=last,
+                host_rps=(requests[slot] - marks[slot]) / seconds if seconds else 0.0,
+                host_eps=(failures[slot] - failure_marks[slot]) / seconds if seconds else 0.0,
+            )
+            for slot, (load, rps, eps, report_since, last) in enumerate(
+                zip(
+                    column(L.REPORT_LOAD, floats),
+                    column(L.REPORT_RPS, floats),
+                    column(L.REPORT_EPS, floats),
+                    column(L.REPORT_SINCE_NS),
+                    column(L.REPORT_NS),
+                    strict=True,
+                )
+            )
+        ]
+        weights = weighing.weights(reports, now)
+        new = array("d", weights)
+        new_marks, new_failure_marks = array("q", requests), array("q", failures)
+        lay = self.layout
+
+        def update() -> None:
+            old = self._floats[lay.field(L.REPORTED_WEIGHT) : lay.field(L.REPORTED_WEIGHT) + c]
+            changed = any(
+                abs(a - b) > WEIGHT_CHANGE * max(a, b) for a, b in zip(old, new, strict=True)
+            )
+            old[:] = new
+            old.release()
+            words[lay.field(L.REQUESTS_MARK) : lay.field(L.REQUESTS_MARK) + c] = new_marks
+            words[lay.field(L.FAILURES_MARK) : lay.field(L.FAILURES_MARK) + c] = new_failure_marks
+            if changed:
+                words[H_VERSION] += 1
+
+        self._locked(update, blocking)
+        return True
 
     # Retry budget and health -----------------------------------------------------------
 
@@ -573,9 +948,8 @@ class SharedState:
         record = L.address_record(addr)
         now = self.clock()
 
-        def update() -> bool:
+        def update(slot: int, free: int) -> bool:
             words = self._words
-            slot = self._find(record)
             if slot < 0:
                 return False
             was_down = bool(words[self._down + slot])
@@ -591,13 +965,14 @@ class SharedState:
                 words[H_VERSION] += 1
             return changed
 
-        return self._locked(update)
+        return self._on_address(record, update)
 
     # Observation -------------------------------------------------------------------------
 
     def snapshot(self, now: int, timeout: float | None = None) -> list[BackendStats]:
         """Every registered backend's numbers: the fields copied under the lock in one pass,
-        the histograms (counters that only grow) read without it."""
+        the histograms (counters that only grow) read without it. The recent numbers are the
+        difference with an earlier snapshot of this process (`RecentWindow`)."""
         lay, c = self.layout, self._c
         _, words, addresses = self._copy_slots(timeout=timeout)
         floats = words.cast("b").cast("d")
@@ -608,21 +983,32 @@ class SharedState:
         def at(field: int, slot: int) -> int:
             return int(words[field * c + slot])
 
+        counters = {
+            slot: Counters(
+                addresses.get(slot, "?"),
+                at(L.REQUESTS, slot),
+                at(L.FAILURES, slot),
+                tuple(hist[slot * L.BUCKETS : (slot + 1) * L.BUCKETS]),
+            )
+            for slot in range(c)
+            if at(L.STATE, slot) != L.FREE
+        }
+        recent = self.recent.observe(now, counters)
         stats = []
-        for slot in range(c):
-            if at(L.STATE, slot) == L.FREE:
-                continue
+        for slot, counted in counters.items():
             until = at(L.EJECTED_UNTIL_NS, slot)
             warm_since = max(until, at(L.ROTATION_NS, slot))
             last_failure = at(L.LAST_FAILURE_NS, slot)
             ewma = floats[L.EWMA_NS * c + slot]
+            window = recent[slot]
+            p50, p90, p99 = percentiles_ns(window.histogram, (0.5, 0.9, 0.99))
             stats.append(
                 BackendStats(
-                    addr=L.read_address(addresses, slot),
+                    addr=counted.addr,
                     weight=at(L.WEIGHT, slot),
                     in_flight=at(L.IN_FLIGHT, slot),
-                    requests=at(L.REQUESTS, slot),
-                    failures=at(L.FAILURES, slot),
+                    requests=counted.requests,
+                    failures=counted.failures,
                     consecutive_failures=at(L.CONSECUTIVE_FAILURES, slot),
                     ejected=until > now,
                     ejected_until=until / 1e9 if until > now else None,
@@ -632,8 +1018,15 @@ class SharedState:
                     effective_weight=at(L.WEIGHT, slot) * self.policy.warmth(now - warm_since),
                     last_failure=last_failure / 1e9 if last_failure else None,
                     latency_ewma=ewma / 1e9 if ewma > 0 else None,
-                    histogram=tuple(hist[slot * L.BUCKETS : (slot + 1) * L.BUCKETS]),
+                    histogram=counted.histogram,
                     slot=slot,
+                    window=window.window,
+                    recent_requests=window.requests,
+                    recent_failures=window.failures,
+                    recent_histogram=window.histogram,
+                    p50=None if p50 is None else p50 / 1e9,
+                    p90=None if p90 is None else p90 / 1e9,
+                    p99=None if p99 is None else p99 / 1e9,
                 )
             )
         return stats

@@ -21,17 +21,22 @@ Pickling carries only the constructor's arguments, never caches or generator sta
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import os
 import random
 import weakref
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
-from itertools import accumulate
-from operator import itemgetter
+from itertools import accumulate, chain
+from operator import add, itemgetter
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from ._latency import FAILURE_PENALTY_NS
+from ._checks import check_seconds
+from ._core import speedups
+from ._latency import FAILURE_PENALTY_NS, decayed
+from ._orca import BLACKOUT_NS, ERROR_PENALTY, REPORT_EXPIRY_NS, Weighing
 from ._view import View
 
 T = TypeVar("T")
@@ -44,8 +49,6 @@ RING_POINTS = 160
 """Points per backend on the consistent-hash ring, as ketama and NGINX's `hash consistent`."""
 UNMEASURED_NS = float(FAILURE_PENALTY_NS)
 """What `PeakEwma` assumes of an unmeasured backend that is already busy with a first call."""
-
-_MASK64 = (1 << 64) - 1
 
 
 @runtime_checkable
@@ -305,91 +308,141 @@ class WeightedRandom(_Randomised):
 class _Scan:
     """How `LeastLoaded` reads a view, and this process's tie-break state for it.
 
-    With equal weights, every count is read in one C-level call: a slice when the slots are
-    contiguous (as they are unless some are ejected or unregistered), an `itemgetter`
-    otherwise. `current` holds the smooth round-robin values by slot (minus infinity for the
-    slots not in the view); they start at a random point of the cycle in each process, so
-    workers that all start (or all see a new view) at once do not pick in lockstep.
+    With equal weights, ties go in turn: the first tied slot at or after ``turns[0]``, which
+    then moves past it, so tied backends share exactly; each process starts at a random point,
+    so that workers which start (or see a new view) at once do not pick in lockstep. An idle
+    backend ends the search: on shared counts of contiguous slots, it is found in their bytes
+    (`bytes.find`), so a pool that is not saturated costs about the same at 4096 backends as
+    at 8; otherwise the counts are read in one C-level call (a slice, or an `itemgetter` when
+    some slots are out). With unequal weights (slow start), `current` holds the smooth
+    weighted round-robin values by slot (minus infinity for slots not in the view).
     """
 
-    __slots__ = ("current", "floor", "read", "uniform", "weight")
+    __slots__ = ("current", "fast", "idle", "read", "span", "turns", "uniform", "view")
 
     def __init__(self, view: View) -> None:
+        self.view = view
         slots = view.slots
         contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
         self.read = itemgetter(slice(slots[0], slots[-1] + 1)) if contiguous else itemgetter(*slots)
         weights = [float(view.weights[s]) for s in slots]
         self.uniform = len(set(weights)) == 1
-        self.weight = weights[0]
         self.current = [-math.inf] * (slots[-1] + 1)
         for slot, weight in zip(slots, weights, strict=True):
             self.current[slot] = random.random() * weight
-        self.floor = -float(1 << 20) * sum(weights)
+        shared = isinstance(view.in_flight, memoryview)
+        self.span = slice(slots[0], slots[-1] + 1) if contiguous and shared else None
+        """Where the counts of every slot lie, when they are shared ones (a memoryview)."""
+        self.idle = bytes(8 * len(slots))
+        """The bytes of `span` when every backend is idle."""
+        self.turns = array("q", [random.randrange(len(slots))])
+        """Where the next tie-break starts, as an index into `view.slots`."""
+        self.fast: Callable[[Sequence[int]], int] | None = None
+        """The compiled core's pick for equal weights and no penalties, when it runs
+        (`_core`): the same choices, from the same `turns`."""
+        if speedups is not None and self.span is not None and self.uniform:
+            self.fast = speedups.EqualScan(lo=slots[0], hi=slots[-1] + 1, turns=self.turns).pick
+
+    def follows(self, view: View) -> bool:
+        """Whether this scan's structures still describe `view` (a rebuilt but equal view)."""
+        old = self.view
+        return (
+            old.version == view.version
+            and old.slots == view.slots
+            and (old.weights == view.weights)
+        )
 
 
 class LeastLoaded:
     """The backend with the fewest calls in flight across all processes, per unit of weight.
 
-    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins, and ties are broken by
-    smooth weighted round-robin among the tied backends. Ties are what an idle or lightly
-    loaded pool mostly has, so this is what spreads sequential calls evenly (or by weight,
-    which is how slow start ramps a new backend even when nothing is in flight). The
-    round-robin state is this process's own and restarts when the view changes.
+    As NGINX's `least_conn`: the lowest ``in_flight / weight`` wins (recent failures counted
+    as calls in flight), and ties are broken in turn among the tied backends (by smooth
+    weighted round-robin when weights differ). Ties are what an idle or lightly loaded pool
+    mostly has, so this is what spreads sequential calls evenly (or by weight, which is how
+    slow start ramps a new backend even when nothing is in flight). The tie-break state is
+    this process's own and restarts when the view changes.
     """
 
     name: ClassVar[str] = "least_loaded"
     uses_cursor = False
 
     def __init__(self) -> None:
-        self._scans = _PerView(_Scan)
+        self._scan: _Scan | None = None
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
         slots = view.slots
         if len(slots) == 1:
             return slots[0]
-        scan = self._scans.get(view)
-        if scan.uniform:
-            counts: list[int] = list(scan.read(view.in_flight))
-            return _least_loaded_equal(slots, counts, scan.weight, scan.current, scan.floor)
-        return _least_loaded_weighted(view, scan.current)
+        scan = self._scan
+        if scan is None or scan.view is not view:
+            scan = self._follow(view)
+        if not scan.uniform:
+            return _least_loaded_weighted(view, scan.current)
+        if view.penalized:
+            counts = list(map(add, scan.read(view.in_flight), scan.read(view.penalties)))
+        elif scan.fast is not None:
+            return scan.fast(view.in_flight)
+        else:
+            if scan.span is not None:
+                # `span` is set only for shared counts: a memoryview, with `tobytes`.
+                raw = view.in_flight[scan.span].tobytes()  # type: ignore[attr-defined]
+                turns = scan.turns
+                i = turns[0] % len(slots) if raw == scan.idle else _next_idle(raw, turns[0])
+                if i >= 0:
+                    turns[0] = i + 1
+                    return slots[i]
+            counts = list(scan.read(view.in_flight))
+        return slots[_next_least(counts, scan.turns)]
+
+    def _follow(self, view: View) -> _Scan:
+        """The scan for `view`: the current one if the view only was rebuilt, else a new one."""
+        scan = self._scan
+        if scan is not None and scan.follows(view):
+            scan.view = view
+        else:
+            scan = self._scan = _Scan(view)
+        return scan
 
     def __reduce__(self) -> tuple[type[Any], tuple[()]]:
         """Pickled as its class alone: the receiving process builds its own caches."""
         return (type(self), ())
 
 
-def _least_loaded_equal(
-    slots: tuple[int, ...], counts: list[int], weight: float, current: list[float], floor: float
-) -> int:
-    """`LeastLoaded` when every weight is equal: counts compared as they are, in C.
+IDLE = bytes(8)
+"""A count of zero, as the bytes of a shared word."""
 
-    `list.count` and `list.index` do the scan, so 64 backends cost little more than 8.
-    """
-    low = 0 if 0 in counts else min(counts)  # an idle backend is the common case
-    ties = counts.count(low)
-    if ties == 1:
-        return slots[counts.index(low)]
-    if ties == len(counts):
-        # Adding the same weight to every entry moves none past another: skip it.
-        top = max(current)
-        try:
-            slot = current.index(top)
-        except ValueError:  # another thread lowered it meanwhile
-            slot = max(slots, key=current.__getitem__)
-        current[slot] -= weight * ties
-        if current[slot] < floor:  # keep the values small enough to compare exactly
-            top = max(current)
-            current[:] = [value - top for value in current]
-        return slot
-    chosen, top, i = slots[0], -math.inf, -1
-    for _ in range(ties):
-        i = counts.index(low, i + 1)
-        slot = slots[i]
-        value = current[slot] = current[slot] + weight
-        if value > top:
-            chosen, top = slot, value
-    current[chosen] -= weight * ties
-    return chosen
+
+def _next_idle(raw: bytes, turn: int) -> int:
+    """The index of the first idle slot in `raw` (counts' bytes) at or after `turn`, going
+    round; -1 if none is idle."""
+    start = turn * 8
+    for begin, end in ((start, len(raw)), (0, start)):
+        at = raw.find(IDLE, begin, end + 7)
+        while at >= 0 and at % 8:  # the zero bytes of two neighbours: look on, aligned
+            at = raw.find(IDLE, at + 8 - at % 8, end + 7)
+        if 0 <= at < end:
+            return at // 8
+    return -1
+
+
+def _next_least(counts: list[int], turns: array[int]) -> int:
+    """The index of the first of the least loaded at or after ``turns[0]``, going round; an
+    idle one if any. `turns` moves past it."""
+    low = 0 if 0 in counts else min(counts)
+    try:
+        i = counts.index(low, turns[0])
+    except ValueError:
+        i = counts.index(low)
+    turns[0] = i + 1
+    return i
+
+
+def _loads(view: View) -> Sequence[int]:
+    """Calls in flight by slot, recent failures counted among them (`_latency` says why)."""
+    if not view.penalized:
+        return view.in_flight
+    return list(map(add, view.in_flight, view.penalties))
 
 
 def _least_loaded_weighted(view: View, current: list[float]) -> int:
@@ -397,7 +450,8 @@ def _least_loaded_weighted(view: View, current: list[float]) -> int:
 
     A plain loop: C-level helpers would turn every count into a float first, which costs more.
     """
-    slots, in_flight, weights = view.slots, view.in_flight, view.weights
+    slots, weights = view.slots, view.weights
+    in_flight = _loads(view)
     best, low, ties = slots[0], math.inf, 0
     for slot in slots:
         load = in_flight[slot] / weights[slot]
@@ -442,38 +496,94 @@ class PowerOfTwo(_Randomised):
             return view.slots[0]
         a, b = self._sampler.get(view).two(self._rng)
         in_flight, weights = view.in_flight, view.weights
-        if in_flight[b] * weights[a] < in_flight[a] * weights[b]:
+        load_a, load_b = in_flight[a], in_flight[b]
+        if view.penalized:
+            load_a, load_b = load_a + view.penalties[a], load_b + view.penalties[b]
+        if load_b * weights[a] < load_a * weights[b]:
             return b
         return a
 
 
-def _ring_points(slot: int) -> tuple[int, ...]:
-    """The slot's RING_POINTS 64-bit positions: the same in every process and every run."""
+SLOT_BITS = 12
+"""A ring point is its position (32 bits) shifted left by this, or'ed with its slot: sorting
+the points sorts the positions, and a point names its owner."""
+
+
+def _ring_points(slot: int) -> list[int]:
+    """The slot's RING_POINTS points: the same in every process and every run."""
     points: list[int] = []
-    for block in range(RING_POINTS // 8):
+    for block in range(RING_POINTS // 16):
         digest = hashlib.blake2b(
             f"{slot}-{block}".encode(), digest_size=64, person=b"dispatcher-ring"
         ).digest()
-        points.extend(int.from_bytes(digest[i : i + 8], "big") for i in range(0, 64, 8))
-    return tuple(points)
+        for i in range(0, 64, 4):
+            points.append(int.from_bytes(digest[i : i + 4], "big") << SLOT_BITS | slot)
+    points.sort()
+    return points
 
 
-_points_of: dict[int, tuple[int, ...]] = {}
+_points_of: dict[int, list[int]] = {}
+
+
+def _points(slot: int) -> list[int]:
+    points = _points_of.get(slot)
+    if points is None:
+        points = _points_of[slot] = _ring_points(slot)
+    return points
 
 
 class _Ring:
-    __slots__ = ("owners", "points")
+    """The points of every slot in rotation, sorted. Made from the previous ring when a few
+    members changed (their points taken out or merged in), so a registration at 512 backends
+    costs a process about 2 ms, against 13 ms for a whole new sort; ejections and health
+    changes leave the ring alone (a pick steps over points of slots not eligible)."""
+
+    __slots__ = ("members", "points")
+
+    def __init__(self, members: frozenset[int], points: list[int]) -> None:
+        self.members = members
+        self.points = points
+
+    def moved_to(self, members: frozenset[int]) -> _Ring:
+        """The ring of `members`: this one if they are the same, else a new one."""
+        if members == self.members:
+            return self
+        added, removed = members - self.members, self.members - members
+        if not self.points or len(added) + len(removed) > max(len(members) // 8, 1):
+            return _Ring(members, sorted(chain.from_iterable(map(_points, members))))
+        points = list(self.points)
+        for slot in removed:
+            for point in _points(slot):
+                del points[bisect_left(points, point)]
+        if added:
+            points.extend(chain.from_iterable(map(_points, added)))
+            points.sort()  # two sorted runs: a merge, not a sort
+        return _Ring(members, points)
+
+
+_EMPTY_RING = _Ring(frozenset(), [])
+
+
+_SLOT_MASK = (1 << SLOT_BITS) - 1
+
+
+class _Eligible:
+    """Which members of a view's ring may take a call: all of them (`masked` empty), or the
+    eligible ones when some are ejected or down."""
+
+    __slots__ = ("masked", "members", "ring")
 
     def __init__(self, view: View) -> None:
-        pairs: list[tuple[int, int]] = []
-        for slot in view.slots:
-            points = _points_of.get(slot)
-            if points is None:
-                points = _points_of[slot] = _ring_points(slot)
-            pairs.extend((point, slot) for point in points)
-        pairs.sort()
-        self.points = [point for point, _ in pairs]
-        self.owners = [slot for _, slot in pairs]
+        members = frozenset(view.members or view.slots)
+        eligible = frozenset(view.slots)
+        self.members = members
+        self.masked = eligible if eligible != members else frozenset()
+        self.ring: _Ring | None = None
+        """The ring of `members`, once a pick needed it."""
+
+
+def _eligible(view: View) -> _Eligible:
+    return _Eligible(view)
 
 
 def _uniform_sampler(view: View) -> _Sampler:
@@ -522,7 +632,8 @@ class ConsistentHash(_Randomised):
         super().__init__(seed)
 
     def _start(self) -> None:
-        self._ring = _PerView(_Ring)
+        self._ring = _EMPTY_RING
+        self._eligible = _PerView(_eligible)
         self._sampler = _PerView(_uniform_sampler)
 
     def pick(self, view: View, cursor: int, key: int | None) -> int:
@@ -532,47 +643,52 @@ class ConsistentHash(_Randomised):
                 return slots[0]
             a, b = self._sampler.get(view).two(self._rng)
             return b if in_flight[b] < in_flight[a] else a
-        ring = self._ring.get(view)
-        points, owners = ring.points, ring.owners
+        eligible = self._eligible.get(view)
+        ring = eligible.ring
+        if ring is None:
+            ring = eligible.ring = self._ring = self._ring.moved_to(eligible.members)
+        points = ring.points
         size = len(points)
-        at = bisect_left(points, key & _MASK64) % size
-        slot = owners[at]
+        at = bisect_left(points, (key >> 32) << SLOT_BITS)
         factor = self.balance_factor
-        if factor is None:
-            return slot
-        total = 0
-        for s in slots:
-            total += in_flight[s]
-        limit = math.ceil(factor * (total + 1) / len(slots))
-        # The least loaded backend is always below the limit, so the walk ends.
+        limit = 0
+        if factor is not None:
+            total = 0
+            for s in slots:
+                total += in_flight[s]
+            limit = math.ceil(factor * (total + 1) / len(slots))
+        # An eligible backend below the limit exists (the least loaded is), so the walk ends.
+        masked = eligible.masked
         for step in range(size):
-            candidate = owners[(at + step) % size]
-            if in_flight[candidate] < limit:
-                return candidate
-        return slot
+            slot = points[(at + step) % size] & _SLOT_MASK
+            if masked and slot not in masked:
+                continue
+            if not limit or in_flight[slot] < limit:
+                return slot
+        return slots[0]
 
 
 class PeakEwma(_Randomised):
     """Latency-aware power of two choices, as Finagle's `p2cPeakEwma` and Linkerd.
 
     Two distinct random backends (drawn by weight, as `PowerOfTwo`); the one with the lower
-    ``latency x (in_flight + 1) / weight`` wins, where latency is the shared peak EWMA
-    (`_latency`): a backend that turns slow costs more from its first slow answer,
-    and a failure counts as an answer of at least a second, so a backend that fails fast
-    never looks fast.
+    ``latency x (in_flight + 1 + recent failures) / weight`` wins, where latency is the shared
+    peak EWMA (`_latency`): a backend that turns slow costs more from its first slow answer,
+    and a failure counts as an answer slower than any other (at least 5 s, at least twice its
+    time), so a backend that fails fast or holds calls never looks fast.
 
-    An unmeasured backend (latency 0.0: just registered) costs nothing while it has no call in
-    flight, so it is probed at once; while its first calls are in flight it costs as much as
-    a failing one (`UNMEASURED_NS`), so it is not flooded before its first answer. This is
-    Finagle's rule (cost 0 when idle, a large penalty when busy).
-
-    The average decays only when a backend answers, so a backend that was once slow keeps
-    its cost until it is chosen again; it is chosen again when the other candidate's
-    ``latency x (in_flight + 1)`` rises above it.
+    The cost decays as it is read: a backend that was slow and got no call for
+    `_latency.STALE_NS` (2 s) counts as unmeasured again, so it is tried again, once for the
+    whole pool, and its next answer sets its cost anew. An unmeasured backend (latency 0.0)
+    costs nothing while it has no call in flight, so it is probed at once; while its first
+    calls are in flight it costs as much as a failing one (`UNMEASURED_NS`), so it is not
+    flooded before its first answer. This is Finagle's rule (cost 0 when idle, a large penalty
+    when busy).
     """
 
     name: ClassVar[str] = "peak_ewma"
     uses_cursor = False
+    uses_latency = True
 
     def _start(self) -> None:
         self._sampler = _PerView(_Sampler)
@@ -581,17 +697,100 @@ class PeakEwma(_Randomised):
         if len(view.slots) == 1:
             return view.slots[0]
         a, b = self._sampler.get(view).two(self._rng)
-        return b if _cost(view, b) < _cost(view, a) else a
+        now = view.clock()
+        return b if _cost(view, b, now) < _cost(view, a, now) else a
 
 
-def _cost(view: View, slot: int) -> float:
+def _cost(view: View, slot: int, now: int) -> float:
     latency = view.latency[slot]
+    if view.stamps:
+        latency = decayed(latency, view.stamps[slot], now)
     load = view.in_flight[slot]
     if latency <= 0.0:
         if load == 0:
             return 0.0
         latency = UNMEASURED_NS
+    if view.penalized:
+        load += view.penalties[slot]
     return latency * (load + 1) / view.weights[slot]
+
+
+class ClientSideWeightedRoundRobin:
+    """Round robin weighted by the load each backend reports of itself (gRPC's weighted round
+    robin, Envoy's `client_side_weighted_round_robin`).
+
+    Backends that send ORCA's ``endpoint-load-metrics`` header with their answers (see
+    `HttpResponse.load_report`) say how busy they are and how much they serve, from every
+    client on every host. Once a second, one process of the host turns the reports into
+    weights, ``qps / (utilization + eps / qps)`` (gRFC A58; for a backend that reports no
+    rates, the rates this host sent it), and every process of the host follows them: a backend
+    kept busy by other hosts gets less from this one. A backend's reports count after 10 s of
+    them; until two backends are known, or for a backend that never reports, the configured
+    weights (and slow start) apply. Picks follow one earliest-deadline-first cycle of the
+    weights, indexed by the shared cursor, as `WeightedRoundRobin` does.
+    """
+
+    name: ClassVar[str] = "client_side_weighted_round_robin"
+    uses_cursor = True
+    uses_load_reports = True
+
+    def __init__(
+        self,
+        *,
+        blackout_seconds: float = BLACKOUT_NS / 1e9,
+        expiry_seconds: float = REPORT_EXPIRY_NS / 1e9,
+        error_penalty: float = ERROR_PENALTY,
+    ) -> None:
+        if blackout_seconds:
+            check_seconds("blackout_seconds", blackout_seconds)
+        check_seconds("expiry_seconds", expiry_seconds)
+        if not (isinstance(error_penalty, int | float) and 0.0 <= error_penalty < math.inf):
+            raise ValueError(f"error_penalty must be a number >= 0, not {error_penalty!r}")
+        self.weighing = Weighing(
+            round(blackout_seconds * 1e9), round(expiry_seconds * 1e9), float(error_penalty)
+        )
+        self._schedule = _PerView(_reported_schedule)
+
+    def pick(self, view: View, cursor: int, key: int | None) -> int:
+        schedule = self._schedule.get(view)
+        return schedule[cursor % len(schedule)]
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """Pickled as its settings: the receiving process builds its own caches."""
+        w = self.weighing
+        settings = (w.blackout_ns / 1e9, w.expiry_ns / 1e9, w.error_penalty)
+        return (_client_side_weighted_round_robin, settings)
+
+
+def _client_side_weighted_round_robin(
+    blackout: float, expiry: float, penalty: float
+) -> ClientSideWeightedRoundRobin:
+    return ClientSideWeightedRoundRobin(
+        blackout_seconds=blackout, expiry_seconds=expiry, error_penalty=penalty
+    )
+
+
+def _reported_schedule(view: View) -> tuple[int, ...]:
+    reported = view.reported
+    weights = [(reported[s] if reported else 1.0) * view.weights[s] for s in view.slots]
+    if min(weights) == max(weights):
+        return view.slots
+    return edf_schedule(view.slots, _integer_weights(weights))
+
+
+def edf_schedule(slots: Sequence[int], weights: Sequence[int]) -> tuple[int, ...]:
+    """One cycle of earliest-deadline-first over `slots` with integer `weights` (Envoy's
+    weighted round robin): each slot appears `weight` times, spread evenly, in
+    O(total x log n) where NGINX's smooth sequence takes O(total x n)."""
+    total = sum(weights)
+    heap = [(1.0 / w, i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    order = []
+    for _ in range(total):
+        deadline, i = heapq.heappop(heap)
+        order.append(slots[i])
+        heapq.heappush(heap, (deadline + 1.0 / weights[i], i))
+    return tuple(order)
 
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -603,6 +802,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     PowerOfTwo.name: PowerOfTwo,
     ConsistentHash.name: ConsistentHash,
     PeakEwma.name: PeakEwma,
+    ClientSideWeightedRoundRobin.name: ClientSideWeightedRoundRobin,
 }
 
 

@@ -11,6 +11,7 @@ resumed VM), and then every live worker would look like a different process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import psutil
@@ -61,3 +62,51 @@ def any_stopped_mapping(path: str) -> bool:
         if state in (b"T", b"t", b"D"):
             return True
     return False
+
+
+IMPORTED_IN = os.getpid()
+"""The process that imported this package: a forked child of it has another pid."""
+SPAWNED = "--multiprocessing-fork"
+"""The last argument of a process that `multiprocessing` spawned (a fresh interpreter)."""
+
+
+def prefork_siblings() -> tuple[int, int, str] | None:
+    """If this process is one of several workers of a pre-fork server, and loaded this package
+    itself: how many sibling workers it has, and their parent's (the server's) pid and name.
+    None otherwise.
+
+    Precisely, all of these hold: this package was imported in this process, not inherited
+    through a fork (a forked child may be using the balancer its parent made, as gunicorn's
+    ``preload_app`` workers do); the parent process runs the same executable (a Python server
+    master: gunicorn, uvicorn, hypercorn, uWSGI, Celery, a `multiprocessing` pool's parent;
+    not a shell); and the parent has another live child that runs the same program as this
+    one: the same command line (forked workers), or a `multiprocessing` spawn child's
+    (uvicorn, hypercorn, a spawn pool). A plain script's parent is a shell; a script run by
+    a Python supervisor has no sibling with its command line unless it runs twice at once.
+    """
+    if os.getpid() != IMPORTED_IN:
+        return None
+    try:
+        me = psutil.Process()
+        parent = me.parent()
+        if parent is None or parent.exe() != me.exe():
+            return None
+        mine = _program(me.cmdline())
+        siblings = 0
+        for child in parent.children():
+            if child.pid == me.pid:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if _program(child.cmdline()) == mine and child.status() != psutil.STATUS_ZOMBIE:
+                    siblings += 1
+        return (siblings, parent.pid, parent.name()) if siblings else None
+    except psutil.Error:
+        return None
+
+
+def _program(cmdline: list[str]) -> tuple[str, ...]:
+    """What a process runs, as far as telling workers of one server apart goes: spawn
+    children differ only in the descriptor numbers of their command lines."""
+    if cmdline and cmdline[-1] == SPAWNED:
+        return (SPAWNED,)
+    return tuple(cmdline)

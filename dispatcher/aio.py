@@ -80,7 +80,7 @@ class AsyncHttpBackend:
     ) -> None:
         if aiohttp is None:
             raise ModuleNotFoundError(
-                "AsyncHttpBackend needs aiohttp: pip install 'dispatcher[aio]'", name="aiohttp"
+                "AsyncHttpBackend needs aiohttp: pip install 'dispatcher-lb[aio]'", name="aiohttp"
             )
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")

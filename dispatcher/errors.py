@@ -58,6 +58,25 @@ class InvalidRequest(DispatcherError, ValueError):
     chosen, so no count changes."""
 
 
+class OptionMismatch(DispatcherError, ValueError):
+    """Raised when `Balancer.shared` finds the balancer of that name, in this server, made
+    with another value of one of its options: every process must ask for the same one."""
+
+    def __init__(self, balancer: str, option: str, given: str, existing: str) -> None:
+        super().__init__(
+            f"the shared balancer {balancer!r} was made with {option}={existing}, this call "
+            f"asks for {option}={given}: every process of the server must pass the same "
+            f"options (or use another name, or scope=)"
+        )
+        self.balancer = balancer
+        self.option = option
+        self.given = given
+        self.existing = existing
+
+    def __reduce__(self) -> tuple[type[OptionMismatch], tuple[str, str, str, str]]:
+        return (type(self), (self.balancer, self.option, self.given, self.existing))
+
+
 class BackendError(DispatcherError):
     """Raised when a call to a backend fails: no connection, a timeout, or an answer whose
     status is one of the backend's failure statuses (5xx by default).

@@ -1,5 +1,9 @@
 """gunicorn hooks: the master owns the balancer, every worker uses it, dead workers are reaped.
 
+`Balancer.shared` in the app needs no hooks at all; these are for a master that should own the
+balancer: made once before any worker, kept across ``HUP`` (which may change its addresses),
+a dead worker's calls reclaimed the moment gunicorn reaps it (docs/servers.md compares them).
+
 In ``gunicorn.conf.py``::
 
     from dispatcher import gunicorn as dg

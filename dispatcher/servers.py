@@ -1,11 +1,10 @@
-"""Reaching one balancer from every worker of a server, by name.
+"""Reaching one balancer from every worker of a server, by a name in the environment.
 
-A server that forks its workers hands them the parent's `Balancer` object. One that spawns
-them (``uvicorn --workers N``, which imports the app by string in each child) hands them
-nothing but the environment, so the parent puts the segment's name there and each worker
-attaches by that name::
+`Balancer.shared` needs none of this: every worker asks for the balancer by its name, and the
+first one creates it. This module is for a launcher that makes the balancer before the server
+starts and hands its segment's name to the workers in the environment::
 
-    # serve.py, the parent: owns the balancer for as long as the server runs
+    # serve.py, the parent: makes the balancer before the server starts
     with shared_balancer(["10.0.0.5:8000", "10.0.0.6:8000"], strategy="least_loaded"):
         uvicorn.run("app:app", workers=4)
 
@@ -27,6 +26,7 @@ from typing import Any
 
 from ._backends import HttpBackend
 from ._balancer import BackendFactory, Balancer, open_balancers
+from ._workers import start_time
 from .errors import DispatcherError
 
 ENV_VAR = "DISPATCHER_BALANCER"
@@ -55,7 +55,8 @@ def attach_from_env(
     if not name:
         raise DispatcherError(
             f"${env} is not set: start the server inside dispatcher.servers.shared_balancer() "
-            f"or with the dispatcher.gunicorn hooks"
+            f"or with the dispatcher.gunicorn hooks, or let every worker call "
+            f"Balancer.shared(name, addrs, ...) instead"
         )
     for existing in open_balancers():
         if existing.name == name and backend_factory in (None, existing.backend_factory):
@@ -75,14 +76,17 @@ def attach_from_env(
 def shared_balancer(
     addrs: Iterable[str] = (), *, env: str = ENV_VAR, **options: Any
 ) -> Iterator[Balancer]:
-    """Own a balancer for the life of a server whose workers attach with `attach_from_env`.
+    """Make a balancer for a server whose workers attach with `attach_from_env`.
 
     Sets ``os.environ[env]`` (restored on exit) so children started inside inherit the
-    name. A server that does not tell its parent when a worker dies (uvicorn) needs nothing
-    more: the balancer's monitor process reclaims a dead worker's calls on its own.
-    `options` are `Balancer`'s keyword arguments.
+    name. The balancer is a `Balancer.shared` one, under a scope of this process's own, held
+    by this process until the block ends: its monitor reclaims a dead worker's calls, and
+    removes it once this process and its workers are gone, however they end (a server that
+    re-raises SIGTERM, as uvicorn does, kills this process before any cleanup could run).
+    `options` are `Balancer.shared`'s keyword arguments.
     """
-    balancer = Balancer(addrs, **options)
+    scope = f"{__name__}.shared_balancer:{os.getpid()}:{start_time(os.getpid())}"
+    balancer = Balancer.shared(env, addrs, scope=scope, **options)
     previous = os.environ.get(env)
     os.environ[env] = balancer.name
     try:

@@ -20,7 +20,10 @@ behave as mode M, for at most N of them (0 = all), without taking a service slot
 * ``slow``: answer 200 after T ms;
 * ``normal``: the usual service time (cancels any mode).
 
-``--seed`` fixes the service-time draws.
+``--seed`` fixes the service-time draws. ``--orca`` adds ORCA's ``endpoint-load-metrics``
+header to every answer: ``application_utilization`` as the requests in service or waiting per
+slot (averaged over about half a second), ``rps_fractional`` as the answers of the last
+second.
 
     python scripts/_bench_http_backend.py --port 8001 --id 0 --mean-ms 4
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -64,12 +68,37 @@ class Behaviour:
 
 
 class Backend:
-    def __init__(self, ident: int, mean_ms: float, slots: int) -> None:
+    def __init__(self, ident: int, mean_ms: float, slots: int, orca: bool = False) -> None:
         self.ident = str(ident).encode()
         self.mean_s = mean_ms / 1e3
         self.slots = asyncio.Semaphore(slots)
+        self.slot_count = slots
         self.turn_at = 0
         self.behaviour = Behaviour()
+        self.orca = orca
+        self.active = 0
+        self.average_active = 0.0
+        self.tracked_at = time.monotonic()
+        self.answered: deque[float] = deque()
+
+    def track(self, change: int) -> None:
+        """Move the time-weighted average of requests in service or waiting, then `change`."""
+        now = time.monotonic()
+        weight = 1.0 - math.exp(-(now - self.tracked_at) / 0.5)
+        self.average_active += (self.active - self.average_active) * weight
+        self.tracked_at = now
+        self.active += change
+
+    def report(self) -> bytes:
+        """The ORCA header line for an answer now, or nothing without ``--orca``."""
+        if not self.orca:
+            return b""
+        now = time.monotonic()
+        while self.answered and self.answered[0] < now - 1.0:
+            self.answered.popleft()
+        self.track(0)
+        line = b"endpoint-load-metrics: TEXT application_utilization=%.3f, rps_fractional=%d\r\n"
+        return line % (self.average_active / self.slot_count, len(self.answered))
 
     def answers_at_once(self) -> bool:
         return self.mean_s == 0 and self.behaviour.mode == "normal"
@@ -90,11 +119,16 @@ class Backend:
                 return behaviour.status, self.ident
             await asyncio.sleep(behaviour.seconds)
             return 200, self.ident
-        async with self.slots:
-            mean = self.mean_s
-            if self.turn_at and time.monotonic_ns() >= self.turn_at:
-                mean *= TURN_FACTOR
-            await asyncio.sleep(random.expovariate(1.0 / mean) if mean else 0)
+        self.track(+1)
+        try:
+            async with self.slots:
+                mean = self.mean_s
+                if self.turn_at and time.monotonic_ns() >= self.turn_at:
+                    mean *= TURN_FACTOR
+                await asyncio.sleep(random.expovariate(1.0 / mean) if mean else 0)
+        finally:
+            self.track(-1)
+        self.answered.append(time.monotonic())
         return 200, self.ident
 
 
@@ -157,8 +191,8 @@ class Connection(asyncio.Protocol):
             if transport.is_closing():
                 return
             transport.write(
-                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                % (status, REASONS.get(status, b"Status"), len(body), body)
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\n%sContent-Length: %d\r\n\r\n%s"
+                % (status, REASONS.get(status, b"Status"), self.backend.report(), len(body), body)
             )
         self.busy = False
 
@@ -179,6 +213,7 @@ def main() -> None:
     parser.add_argument("--mean-ms", type=float, required=True)
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--seed", type=int, help="seed of the service-time draws")
+    parser.add_argument("--orca", action="store_true", help="report load in every answer")
     args = parser.parse_args()
     random.seed(args.seed)
     try:
@@ -187,7 +222,7 @@ def main() -> None:
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    run(serve(args.port, Backend(args.id, args.mean_ms, args.slots)))
+    run(serve(args.port, Backend(args.id, args.mean_ms, args.slots, args.orca)))
 
 
 if __name__ == "__main__":

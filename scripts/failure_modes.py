@@ -80,7 +80,7 @@ STRATEGIES = ("round_robin", "least_loaded", "power_of_two", "peak_ewma")
 SCENARIOS = ("fast-fail", "slow-then-fast", "slow-once", "held")
 SLOW = ("slow-then-fast", "slow-once")
 REQUEST = HttpRequest("GET", "/")
-NO_EJECTION = 1 << 40
+NO_EJECTION = 1 << 31
 """A `failure_threshold` no backend reaches: ejection off."""
 START_DELAY_S = 0.8
 """Time between creating a run's balancer and its first call: forking and attaching."""

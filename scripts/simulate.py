@@ -116,7 +116,8 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
 
     # What the pickers see: one set of arrays, or one per worker.
     views = 1 if mode == "shared" else workers
-    in_flight = [[0] * b for _ in range(views)]
+    # Counts in words, as the shared segment holds them: strategies read them the same way.
+    in_flight = [memoryview(bytearray(8 * b)).cast("q") for _ in range(views)]
     latency = [[0.0] * b for _ in range(views)]
     stamps = [[0] * b for _ in range(views)]
     view = [View(1, slots, weights, in_flight[v], latency[v]) for v in range(views)]
@@ -224,7 +225,7 @@ def plot(results: Sequence[Result], path: Path, workers: int) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
-        print("matplotlib is not installed (pip install 'dispatcher[bench]'): no plot written")
+        print("matplotlib is not installed (pip install 'dispatcher-lb[bench]'): no plot written")
         return
     chosen = [r for r in results if r.workers == workers and r.name in ("ideal", *LOAD_AWARE)]
     colours = {"ideal": "black", "least_loaded": "C0", "power_of_two": "C1", "peak_ewma": "C2"}

@@ -416,3 +416,120 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# Metrics ------------------------------------------------------------------------------------
+
+
+def scrape(name: str, label: str = "test") -> str:
+    """The Prometheus text a registry holding a `BalancerCollector` of `name` serves here;
+    with $PROMETHEUS_MULTIPROC_DIR set, the registry also holds a ``MultiProcessCollector``,
+    as a gunicorn app in multiprocess mode has it."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    from dispatcher.prometheus import BalancerCollector
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    collector = BalancerCollector(name, label=label)
+    registry.register(collector)
+    try:
+        return generate_latest(registry).decode()
+    finally:
+        collector.close()
+
+
+def call_then_scrape(balancer: Balancer, calls: int, others_done: Any, out: Any) -> None:
+    """A worker that makes `calls` calls (every third one fails), then, once the other
+    workers are done, scrapes the balancer's metrics itself."""
+    for i in range(calls):
+        with contextlib.suppress(ConnectionError):
+            balancer.invoke("fail" if i % 3 == 0 else None)
+    others_done.wait(30)
+    out.put(scrape(balancer.name))
+    balancer.close()
+
+
+def call_with_failures(balancer: Balancer, calls: int) -> None:
+    for i in range(calls):
+        with contextlib.suppress(ConnectionError):
+            balancer.invoke("fail" if i % 3 == 0 else None)
+    balancer.close()
+
+
+_metrics_apps: dict[str, Any] = {}
+
+
+def wsgi_app_with_metrics(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """`wsgi_app`, and ``/metrics``: prometheus_client's WSGI app for a registry holding a
+    `BalancerCollector` of the server's balancer (and a ``MultiProcessCollector`` with
+    $PROMETHEUS_MULTIPROC_DIR set). Every answer names the worker that served it in
+    ``X-Worker``."""
+    if environ["PATH_INFO"] != "/metrics":
+        return wsgi_app(environ, start_response)
+    app = _metrics_apps.get("app")
+    if app is None:
+        from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+
+        from dispatcher.prometheus import BalancerCollector
+        from dispatcher.servers import attach_from_env
+
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+        registry.register(BalancerCollector(attach_from_env(), label="app"))
+        app = _metrics_apps["app"] = make_wsgi_app(registry)
+
+    def start(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+        return start_response(status, [*headers, ("X-Worker", str(os.getpid()))], *rest)
+
+    return list(app(environ, start))
+
+
+# Events ---------------------------------------------------------------------------------------
+
+events_seen: list[Any] = []
+"""What `record_event` received in this process."""
+
+
+def record_event(event: Any) -> None:
+    """An ``on_event`` callback: keeps the event here, and appends it as a line of JSON to
+    $DISPATCHER_TEST_EVENTS if set (the monitor's events reach the test that way), with the
+    pid of the process that reported it."""
+    import dataclasses
+    import json
+
+    events_seen.append(event)
+    path = os.environ.get("DISPATCHER_TEST_EVENTS")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({**dataclasses.asdict(event), "pid": os.getpid()}) + "\n")
+
+
+def read_events(path: str) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        with open(path) as lines:
+            return [json.loads(line) for line in lines]
+    except FileNotFoundError:
+        return []
+
+
+def probe_env(addr: str) -> bool:
+    """A health check: fails for the addresses in $DISPATCHER_TEST_FAILING, read from the
+    file $DISPATCHER_TEST_FAILING_FILE if set (so a test can change it for the monitor)."""
+    path = os.environ.get("DISPATCHER_TEST_FAILING_FILE")
+    if path:
+        with open(path) as text:
+            return addr not in text.read().split(",")
+    return addr not in os.environ.get("DISPATCHER_TEST_FAILING", "").split(",")
+
+
+def fail_many(balancer: Balancer, calls: int) -> None:
+    """`calls` calls that fail (`Echo` raises on "fail")."""
+    for _ in range(calls):
+        with contextlib.suppress(ConnectionError):
+            balancer.invoke("fail")
+    balancer.close()

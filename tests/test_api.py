@@ -103,6 +103,8 @@ def test_no_object_is_offered_under_two_public_module_paths() -> None:
         "dispatcher.errors",
         "dispatcher.gunicorn",
         "dispatcher.httpx",
+        "dispatcher.otel",
+        "dispatcher.prometheus",
         "dispatcher.requests",
         "dispatcher.servers",
     ]
@@ -156,6 +158,7 @@ SAMPLES: dict[str, Callable[[], BaseException]] = {
     "ProtocolError": lambda: errors.ProtocolError("h:1", "RemoteDisconnected"),
     "DuplicateBackend": lambda: errors.DuplicateBackend("h:1"),
     "UnknownBackend": lambda: errors.UnknownBackend("h:1"),
+    "OptionMismatch": lambda: errors.OptionMismatch("api", "capacity", "16", "8"),
 }
 """Errors whose constructor takes more than a message."""
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,23 +15,30 @@ import psutil
 import pytest
 from rich.console import Console
 
-from dispatcher import Balancer
+from dispatcher import BUCKET_BOUNDS, Balancer
 from dispatcher import _segment as segment
 from dispatcher._cli.dashboard import (
     Frame,
     Sampler,
     WorkerInfo,
+    WorkerRow,
     backend_state,
+    middle_cut,
     plain_line,
     render,
+    seconds_text,
+    sparkline,
     summary,
+    worker_rows,
 )
+from dispatcher._cli.demo import Step, Timeline
 from dispatcher._cli.main import build_parser
-from dispatcher._cli.top import open_target
+from dispatcher._cli.top import open_target, snapshot_document
 from dispatcher._layout import BUCKETS, bucket_of
 from dispatcher._state import BackendStats
 from dispatcher.errors import SegmentError
-from tests.helpers import Echo
+from tests import helpers
+from tests.helpers import Echo, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "140"}
@@ -57,6 +66,13 @@ def stats(addr: str, slot: int, **changes: object) -> BackendStats:
         "latency_ewma": 0.005,
         "histogram": tuple(histogram),
         "slot": slot,
+        "window": 10.0,
+        "recent_requests": 310,
+        "recent_failures": 2,
+        "recent_histogram": tuple(histogram),
+        "p50": 0.0051,
+        "p90": 0.0083,
+        "p99": 0.168,
     }
     fields.update(changes)
     return BackendStats(**fields)  # type: ignore[arg-type]
@@ -65,7 +81,7 @@ def stats(addr: str, slot: int, **changes: object) -> BackendStats:
 BACKENDS = (
     stats("10.0.0.1:80", 0),
     stats("10.0.0.2:80", 1, ejected=True, ejected_until=107.0, times_ejected=2, failures=9),
-    stats("10.0.0.3:80", 2, effective_weight=0.5, in_flight=0),
+    stats("[2001:db8:aaaa:bbbb:cccc:dddd:eeee:1]:8080", 2, effective_weight=0.5, in_flight=7),
     stats("10.0.0.4:80", 3, down=True, in_flight=0),
     stats("10.0.0.5:80", 4, draining=True),
 )
@@ -79,40 +95,73 @@ def frame() -> Frame:
         now=100.0,
         elapsed=42.0,
         backends=BACKENDS,
-        rates={"10.0.0.1:80": 31.0},
-        workers=(WorkerInfo(4242, 12.0, 30 * 2**20),),
-        labels={"10.0.0.1:80": "b1 fast"},
-        event="b2 is killed",
+        trends={"10.0.0.1:80": (0.0, 10.0, 20.0, 40.0)},
+        workers=(
+            WorkerInfo(4242, 12.0, 30 * 2**20, {0: 1, 2: 3}),
+            WorkerInfo(4243, 9.0, 31 * 2**20, {2: 4}),
+        ),
+        labels={"10.0.0.1:80": "b1"},
+        event="step 4/5: b2 is killed · next: b2 restarts on the same port in 8 s",
         log=(" 40.0s  b2 ejected",),
         totals="sent 500  ok 491",
     )
 
 
 def row(text: str, addr: str) -> list[str]:
-    """The cells of the table row naming `addr`."""
+    """The cells of the table row naming `addr` (bordered tables: cells between "│")."""
     (line,) = [line for line in text.splitlines() if addr in line]
     return [cell.strip() for cell in line.split("│")[1:-1]]
+
+
+def words_of(text: str, needle: str) -> list[str]:
+    """The words of the one dashboard line that contains `needle`."""
+    (line,) = [line for line in text.splitlines() if needle in line]
+    return line.split()
 
 
 def test_states() -> None:
     assert [backend_state(b) for b in BACKENDS] == STATES
 
 
-def test_render_shows_each_backend_state() -> None:
-    console = Console(file=io.StringIO(), record=True, width=130)
+def test_render_fits_80_columns_and_shows_each_backend_state() -> None:
+    console = Console(file=io.StringIO(), record=True, width=80)
     console.print(render(frame()))
     text = console.export_text()
-    assert row(text, "10.0.0.1:80")[:2] == ["b1 fast 10.0.0.1:80", "healthy"]
-    assert row(text, "10.0.0.1:80")[3:5] == ["31", "100"]
-    assert row(text, "10.0.0.2:80")[1] == "ejected 7s"
-    assert row(text, "10.0.0.2:80")[5:7] == ["9", "2"]
-    assert row(text, "10.0.0.3:80")[1] == "warming 25%"
-    assert row(text, "10.0.0.4:80")[1] == "down"
-    assert row(text, "10.0.0.5:80")[1] == "draining"
-    assert row(text, "10.0.0.1:80")[7:] == ["5 ms", "168 ms"]
-    for shown in ("least_loaded", "b2 is killed", "4242", "30 MiB", "b2 ejected", "sent 500"):
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # The long address lost its middle, never its state or its port.
+    assert words_of(text, "warming 25%")[:3] == ["#2", "[2001:d…:1]:8080", "warming"]
+    b1 = words_of(text, "10.0.0.1:80")
+    assert b1[:3] == ["b1", "10.0.0.1:80", "healthy"]
+    # in flight (bar, count), req/s over the window, the trend, errors, p50 p90 p99
+    assert b1[-6:] == ["31", "▂▄█", "0.6%", "5.1ms", "8.3ms", "168ms"]
+    assert words_of(text, "10.0.0.2:80")[2:4] == ["ejected", "7s"]
+    assert words_of(text, "warming 25%")[2:5] == ["warming", "25%", "█████"]
+    assert words_of(text, "10.0.0.4:80")[2] == "down"
+    assert words_of(text, "10.0.0.5:80")[2] == "draining"
+    assert "rates and latency over the last 10 s" in text
+    for state in STATES[1:]:
+        assert state in words_of(text, "N s left") + words_of(text, "of its weight")
+    # Per worker: its calls in flight on each backend, and in all.
+    assert words_of(text, "4242") == ["4242", "12%", "30M", "1", "·", "3", "·", "·", "4"]
+    assert words_of(text, "4243")[-1] == "4"
+    for shown in ("least_loaded", "step 4/5", "next: b2 restarts", "b2 ejected", "sent 500"):
         assert shown in text
     assert "<svg" in console.export_svg()
+
+
+def test_the_pieces_of_the_picture() -> None:
+    assert middle_cut("abcdefghij", 7) == "ab…ghij"
+    assert middle_cut("short", 7) == "short"
+    assert [seconds_text(s) for s in (None, 0.00084, 0.0052, 0.168, 1.24, 12.0)] == [
+        "-",
+        "840µs",
+        "5.2ms",
+        "168ms",
+        "1.2s",
+        "12s",
+    ]
+    assert sparkline([0.0, 1.0, 2.0, 4.0], 4.0) == " ▂▄█"
+    assert sparkline([1.0], 0.0) == " "
 
 
 def test_summary_and_plain_line() -> None:
@@ -122,11 +171,11 @@ def test_summary_and_plain_line() -> None:
     assert [row(text, b.addr)[1] for b in BACKENDS] == STATES
     line = plain_line(frame())
     assert "\n" not in line
-    assert "b1 fast 10.0.0.1:80 healthy 31/s" in line
+    assert "b1 10.0.0.1:80 healthy 31/s" in line
     assert "10.0.0.2:80 ejected" in line
 
 
-def test_sampler_rates_and_event_log() -> None:
+def test_sampler_trends_workers_and_event_log() -> None:
     snapshots = iter(
         [
             [stats("10.0.0.1:80", 0, requests=10)],
@@ -134,14 +183,12 @@ def test_sampler_rates_and_event_log() -> None:
             [stats("10.0.0.1:80", 0, requests=60), stats("10.0.0.5:80", 1)],
         ]
     )
-    sampler = Sampler(
-        lambda: next(snapshots), lambda: [os.getpid()], title="t", source="s", strategy="x"
-    )
+    rows = [WorkerRow(os.getpid(), {0: 2}, 0)]
+    sampler = Sampler(lambda: next(snapshots), lambda: rows, title="t", source="s", strategy="x")
     first = sampler.sample()
-    assert first.rates == {"10.0.0.1:80": 0.0}
-    assert [w.pid for w in first.workers] == [os.getpid()]
+    assert first.trends == {"10.0.0.1:80": ()}
+    assert [(w.pid, dict(w.in_flight)) for w in first.workers] == [(os.getpid(), {0: 2})]
     second = sampler.sample(event="now")
-    assert second.rates["10.0.0.1:80"] > 0
     assert second.event == "now"
     assert second.log[-1].endswith("10.0.0.1:80 ejected")
     sampler.note("hello")
@@ -151,7 +198,18 @@ def test_sampler_rates_and_event_log() -> None:
     assert third.log[-1].endswith("10.0.0.5:80 registered, healthy")
 
 
+def test_the_trend_is_requests_per_second_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 100.0, 102.0, 104.0])  # the sampler starts, then samples 3 times
+    monkeypatch.setattr("dispatcher._cli.dashboard.time.monotonic", lambda: next(clock, 104.0))
+    snapshots = iter([[stats("10.0.0.1:80", 0, requests=r)] for r in (10, 30, 90)])
+    sampler = Sampler(lambda: next(snapshots), list, title="t", source="s", strategy="x")
+    sampler.sample()
+    sampler.sample()
+    assert sampler.sample().trends == {"10.0.0.1:80": (10.0, 30.0)}
+
+
 def test_find_by_owner_and_worker_rows() -> None:
+    gate = threading.Event()
     with Balancer(["127.0.0.1:7201"], backend_factory=Echo, monitor=False) as balancer:
         balancer.invoke(None)
         assert balancer.name in segment.find_by_owner(os.getpid())
@@ -159,12 +217,49 @@ def test_find_by_owner_and_worker_rows() -> None:
             assert watcher.owner_pid == os.getpid()
             assert watcher.workers() == [os.getpid()]
             assert not watcher.closed_by_owner
+            held = threading.Thread(target=balancer.invoke, args=(gate,))
+            held.start()
+            wait_for(lambda: worker_rows(watcher)[0].in_flight == {0: 1})
+            gate.set()
+            held.join()
+            assert worker_rows(watcher) == [WorkerRow(os.getpid(), {}, 0)]
         name = balancer.name
     assert name not in segment.find_by_owner(os.getpid())
     with pytest.raises(SegmentError, match="owns no"):
         open_target(str(os.getpid()))
     with pytest.raises(SegmentError):
         open_target(name)
+
+
+def test_the_json_document_of_a_snapshot() -> None:
+    gate = threading.Event()
+    with Balancer(["127.0.0.1:7211", "127.0.0.1:7212"], backend_factory=Echo, monitor=False) as b:
+        for _ in range(4):
+            b.invoke(None)
+        held = threading.Thread(target=b.invoke, args=(gate,))
+        held.start()
+        try:
+            with open_target(b.name) as watcher:
+                wait_for(lambda: helpers.in_flight(b) == 1)
+                snapshot_document(watcher)
+                document = json.loads(json.dumps(snapshot_document(watcher), allow_nan=False))
+        finally:
+            gate.set()
+            held.join()
+    assert document["balancer"] == b.name
+    assert document["strategy"] == "round_robin"
+    assert document["bucket_bounds"][-1] is None
+    assert document["bucket_bounds"][:-1] == list(BUCKET_BOUNDS[:-1])
+    (busy,) = [x for x in document["backends"] if x["in_flight"]]
+    assert document["workers"] == [
+        {"pid": os.getpid(), "retries": 0, "in_flight": {busy["addr"]: 1}}
+    ]
+    for backend in document["backends"]:
+        assert backend["requests"] == 2
+        assert backend["state"] == "healthy"
+        assert backend["window"] > 0
+        assert len(backend["histogram"]) == len(BUCKET_BOUNDS)
+        assert {"p50", "p90", "p99", "rate", "error_ratio", "recent_requests"} <= set(backend)
 
 
 @pytest.mark.slow
@@ -185,6 +280,44 @@ def test_top_reports_a_balancer_owned_by_another_process() -> None:
         assert owner.stdout is not None
         name = owner.stdout.readline().strip()
         assert name.startswith("dispatcher_")
+        document = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "dispatcher", "top", name, "--json"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+                env=ENV,
+            ).stdout
+        )
+        assert document["balancer"] == name
+        assert document["owner_pid"] == owner.pid
+        assert {b["addr"]: b["requests"] for b in document["backends"]} == dict.fromkeys(addrs, 5)
+        assert [w["pid"] for w in document["workers"]] == [owner.pid]
+        stream = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dispatcher",
+                "top",
+                str(owner.pid),
+                "--json",
+                "--interval",
+                "0.1",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        assert stream.stdout is not None
+        lines = [json.loads(stream.stdout.readline()) for _ in range(2)]
+        stream.send_signal(signal.SIGINT)
+        stream.communicate(timeout=30)
+        assert stream.returncode == 0
+        assert lines[1]["monotonic"] > lines[0]["monotonic"]
+        assert all(line["backends"][0]["window"] > 0 for line in lines)
         for target in (name, str(owner.pid)):
             shown = subprocess.run(
                 [sys.executable, "-m", "dispatcher", "top", target, "--once"],
@@ -193,14 +326,13 @@ def test_top_reports_a_balancer_owned_by_another_process() -> None:
                 text=True,
                 timeout=60,
                 check=True,
-                env=ENV,
+                env={**ENV, "COLUMNS": "80"},
             ).stdout
+            assert max(len(line) for line in shown.splitlines()) <= 80
             assert name in shown
             for addr in addrs:
-                cells = row(shown, addr)
-                assert cells[1] == "healthy"
-                assert cells[4] == "5", cells
-            assert str(owner.pid) in shown
+                assert words_of(shown, addr)[2] == "healthy"
+            assert words_of(shown, f"{owner.pid} ")[0] == str(owner.pid)
     finally:
         owner.communicate(timeout=30)
     assert owner.returncode == 0
@@ -302,3 +434,46 @@ def test_ctrl_c_stops_every_process_and_leaves_no_segment() -> None:
     psutil.wait_procs(children, timeout=10)
     assert all(gone(child) for child in children)
     assert not os.path.exists(f"/dev/shm/{name[1]}")
+
+
+def test_the_timeline_says_where_it_is_and_what_comes_next() -> None:
+    done: list[str] = []
+    steps = [
+        Step(0, "steady load"),
+        Step(8, "b2 turns slow", lambda: done.append("slow") or None),
+        Step(18, "b2 is fast again"),
+    ]
+    script = Timeline(steps, 30.0)
+    assert script.progress(0.0) == "next: steady load in 0 s"
+    assert list(script.advance(0.0)) == ["steady load"]
+    assert script.progress(0.0) == "step 1/3: steady load · next: b2 turns slow in 8 s"
+    assert script.progress(7.2) == "step 1/3: steady load · next: b2 turns slow in 1 s"
+    assert list(script.advance(8.0)) == ["b2 turns slow"] and done == ["slow"]
+    assert list(script.advance(29.0)) == ["b2 is fast again"]
+    assert script.progress(29.0) == "step 3/3: b2 is fast again · next: steady load in 1 s"
+    assert list(script.advance(30.0)) == ["steady load"]  # the next cycle
+
+
+def test_many_backends_and_long_names_still_fit_80_columns() -> None:
+    many = tuple(
+        stats(f"backend-{i}.a-rather-long-service-name.internal:8080", 4000 + i, in_flight=i)
+        for i in range(12)
+    )
+    labels = {b.addr: f"shard{i}" for i, b in enumerate(many)}
+    wide = Frame(
+        title="dispatcher top",
+        source="dispatcher_5f36d7b59478e076 (pid 123456)",
+        strategy="weighted_round_robin",
+        now=100.0,
+        elapsed=12345.0,
+        backends=many,
+        workers=(WorkerInfo(4194304, 100.0, 2**40, {b.slot: 99 for b in many}),),
+        labels=labels,
+        log=("x" * 200,),
+    )
+    console = Console(file=io.StringIO(), record=True, width=80)
+    console.print(render(wide))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert words_of(text, "shard11 ")[:3] == ["shard11", "back…l:8080", "healthy"]
+    assert words_of(text, "4194304")[-2:] == [str(99 * 6), str(99 * 12)]  # "other", "all"

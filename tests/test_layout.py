@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dispatcher import _layout as L
-from dispatcher._latency import FAILURE_PENALTY_NS, peak_ewma, percentile_ns, sample_ns
+from dispatcher._latency import (
+    FAILURE_DECAY_NS,
+    FAILURE_PENALTY_NS,
+    FAILURE_SCORE_CAP,
+    STALE_NS,
+    decayed,
+    failed_once_more,
+    failure_score,
+    peak_ewma,
+    penalty_drops_at,
+    percentile_ns,
+    sample_ns,
+)
 from dispatcher._policy import NS, EjectionPolicy
 from dispatcher.errors import SegmentError
 
@@ -70,14 +84,34 @@ def test_percentiles_from_a_histogram() -> None:
     assert p100 is not None and L.bucket_of(p100) == L.bucket_of(100_000_000)
 
 
-def test_peak_ewma_jumps_up_and_decays_down() -> None:
+def test_peak_ewma_jumps_up_decays_when_read_and_forgets_when_stale() -> None:
     assert peak_ewma(0.0, 0, 5.0, 0) == 5.0
     assert peak_ewma(10.0, 0, 50.0, 1) == 50.0
-    decayed = peak_ewma(100.0, 0, 0.0, 10 * NS)
-    assert 30 < decayed < 40  # e^-1 of the way after one decay constant
     assert peak_ewma(100.0, 0, 0.0, 0) == 100.0
+    # Read a second later, an average has decayed by e^-0.1 towards zero...
+    assert decayed(100.0, 0, NS) == pytest.approx(100 * math.exp(-0.1))
+    # ...and a sample below it pulls it down from there.
+    w = math.exp(-0.1)
+    assert peak_ewma(100.0, 0, 0.0, NS) == pytest.approx(100 * w * w)
+    # An average with no sample for STALE_NS is not trusted: unmeasured, then started anew.
+    assert decayed(100.0, 0, STALE_NS) == 0.0
+    assert peak_ewma(500.0, 0, 5.0, STALE_NS) == 5.0
+
+
+def test_failures_cost_more_than_any_answer_and_add_up_as_calls_in_flight() -> None:
     assert sample_ns(1000, failed=True) == FAILURE_PENALTY_NS
+    assert sample_ns(4 * FAILURE_PENALTY_NS, failed=True) == 8 * FAILURE_PENALTY_NS
     assert sample_ns(1000, failed=False) == 1000
+    score = 0.0
+    for _ in range(3):
+        score = failed_once_more(score, 0, 0)
+    assert score == 3.0
+    assert int(failure_score(score, 0, FAILURE_DECAY_NS)) == 1  # 3 / e
+    drop = penalty_drops_at(score, 0, 3)
+    assert int(failure_score(score, 0, drop - 1)) == 3 > int(failure_score(score, 0, drop + 1))
+    for _ in range(100):
+        score = failed_once_more(score, 0, 0)
+    assert score == FAILURE_SCORE_CAP
 
 
 def test_ejection_policy() -> None:

@@ -213,6 +213,7 @@ class BalancerMachine(RuleBasedStateMachine):
         max_ejected_percent=st.sampled_from([0, 50, 100]),
         panic_percent=st.sampled_from([0, 50, 100]),
         slow_start=st.sampled_from([0.0, 10.0]),
+        latency=st.booleans(),
         addrs=st.lists(st.sampled_from(ADDRESSES), max_size=CAPACITY, unique_by=parse_address),
     )
     def start(
@@ -223,8 +224,10 @@ class BalancerMachine(RuleBasedStateMachine):
         max_ejected_percent: int,
         panic_percent: int,
         slow_start: float,
+        latency: bool,
     ) -> None:
         self.threshold = threshold
+        self.latency = latency
         self.max_ejected_percent = max_ejected_percent
         self.panic_percent = panic_percent
         self.base_ns, self.max_ns = 10 * NS, 25 * NS
@@ -240,6 +243,7 @@ class BalancerMachine(RuleBasedStateMachine):
             max_ejected_percent=max_ejected_percent,
             panic_percent=panic_percent,
             slow_start_seconds=slow_start,
+            latency=latency,
             monitor=False,
         )
         self.clock.use(self.balancer)
@@ -529,7 +533,7 @@ class BalancerMachine(RuleBasedStateMachine):
             s = stats[addr]
             assert s.requests == m.successes + m.failures, (addr, s, m)
             assert s.failures == m.failures, (addr, s, m)
-            assert sum(s.histogram) == s.requests
+            assert sum(s.histogram) == (s.requests if self.latency else 0)
             assert s.consecutive_failures == m.consecutive, (addr, s, m)
             assert s.in_flight == m.in_flight, (addr, s, m)
             assert s.draining == m.draining and s.weight == m.weight

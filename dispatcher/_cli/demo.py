@@ -21,7 +21,9 @@ parent stops them all, so no process and no shared segment outlives the demo.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.sharedctypes
@@ -43,9 +45,10 @@ from .._backends import HttpBackend, HttpRequest
 from .._balancer import Balancer
 from .._health import HealthCheck
 from .._pool import WorkerPool
+from .._segment import Segment
 from ..discovery import Discovery, EtcdResolver
 from ..errors import NoBackendAvailable
-from .dashboard import Frame, Sampler, Screen, render, summary
+from .dashboard import Frame, Sampler, Screen, render, summary, worker_rows
 
 DEFAULT_STRATEGY = "least_loaded"
 REQUEST = HttpRequest("GET", "/work")
@@ -261,7 +264,7 @@ class Step:
 
 def timeline(backends: list[DemoBackend]) -> tuple[list[Step], float]:
     """The incidents of one cycle, and the cycle's length in seconds."""
-    steps = [Step(0, "steady load on every backend")]
+    steps = [Step(0, "steady load")]
     if len(backends) < 2:
         return steps, 30.0
     slow = backends[1]
@@ -298,6 +301,15 @@ class Timeline:
         self._cycle, self._next = 0, 0
         self.current = ""
 
+    def progress(self, elapsed: float) -> str:
+        """Where the cycle is: "step 3/5: <now> · next: <step> in 12 s"."""
+        steps, total = self._steps, len(self._steps)
+        upcoming = steps[self._next]
+        due = self._cycle * self._period + upcoming.at - elapsed
+        now = f"step {(self._next - 1) % total + 1}/{total}: {self.current}" if self.current else ""
+        following = f"next: {upcoming.text} in {max(math.ceil(due), 0)} s"
+        return f"{now} · {following}" if now else following
+
     def advance(self, elapsed: float) -> Iterator[str]:
         """Run every step due by `elapsed` seconds; yield the lines for the event log."""
         while True:
@@ -327,6 +339,20 @@ class Load:
         self._lock = threading.Lock()
         self._next = time.monotonic()
         self.sent = self.ok = self.failed = self.no_backend = self.shed = self.outstanding = 0
+
+    def warm_up(self, stop: threading.Event, timeout: float = 60.0) -> None:
+        """Start every worker before the load's clock does: a spawned worker takes a second
+        or so to start, and requests sent at the steady rate meanwhile would pile up and be
+        shed before the pool ever ran."""
+        futures = [
+            self._pool.submit(REQUEST, timeout=CALL_TIMEOUT, key=f"user-{i}")
+            for i in range(self._pool.processes * 2)
+        ]
+        deadline = time.monotonic() + timeout
+        for future in futures:
+            while not future.done() and not stop.is_set() and time.monotonic() < deadline:
+                stop.wait(0.05)
+        self._next = time.monotonic()
 
     def send_due(self, now: float) -> None:
         if now - self._next > 1.0:
@@ -380,6 +406,7 @@ def make_balancer(addrs: list[str], options: Options) -> Balancer:
         max_ejection_seconds=12.0,
         slow_start_seconds=options.slow_start,
         health_check=HealthCheck(HEALTH_PATH, interval=1.0, rise=2, fall=2, timeout=0.5),
+        latency=True,  # the dashboard shows each backend's p50 and p99
     )
 
 
@@ -430,17 +457,21 @@ def run(
             highlight=False,
             soft_wrap=True,
         )
+        load = Load(pool, options.rate)
+        console.print(f"starting {options.workers} workers ...", highlight=False)
+        load.warm_up(stop)
+        segment = Segment.open(balancer.name)
+        stack.callback(segment.close)
         sampler = Sampler(
-            balancer.snapshot,
-            pool.pids,
+            segment.snapshot,
+            functools.partial(worker_rows, segment),
             title="dispatcher demo",
             source=balancer.name,
             strategy=options.strategy,
-            labels={b.addr: b.label for b in backends},
+            labels={b.addr: b.name for b in backends},
         )
         steps, period = timeline(backends)
         script = Timeline(steps, period)
-        load = Load(pool, options.rate)
         last = _loop(options, stop, sampler, script, load, stack.enter_context(Screen(console)))
         pool.shutdown(wait=True, cancel_futures=True)
         frame = sampler.sample(event=script.current, totals=load.totals())
@@ -472,14 +503,14 @@ def _loop(
             sampler.note(line)
         load.send_due(now)
         if now >= next_frame:
-            frame = sampler.sample(event=script.current, totals=load.totals())
+            frame = sampler.sample(event=script.progress(elapsed), totals=load.totals())
             screen.show(frame)
             next_frame = max(next_frame + FRAME_SECONDS, now)
         stop.wait(max(0.0, min(load.next_due(), next_frame) - time.monotonic()))
     return frame
 
 
-def save_svg(frame: Frame, path: str, width: int = 118) -> None:
+def save_svg(frame: Frame, path: str, width: int = 80) -> None:
     """Save a picture of the dashboard for `frame`, as shown on a terminal."""
     console = Console(record=True, width=width, file=open(os.devnull, "w"))  # noqa: SIM115
     with console.file:

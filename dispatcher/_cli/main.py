@@ -8,9 +8,11 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 
 from rich.console import Console
 
+from .._core import CORE
 from .._strategies import STRATEGIES
 from . import demo
 from .top import top
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Watch a running server instead: python -m dispatcher top NAME_OR_PID",
     )
+    parser.add_argument("--version", action="version", version=version())
     parser.add_argument("--backends", type=_count, default=4, help="backends (default 4)")
     parser.add_argument("--workers", type=_count, default=4, help="worker processes (default 4)")
     parser.add_argument(
@@ -83,9 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument(
-        "--interval", type=_positive, default=0.25, help="seconds between frames (default 0.25)"
+        "--json",
+        action="store_true",
+        help="print a snapshot as JSON for programs (with --interval: one per line until stopped)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_positive,
+        metavar="SECONDS",
+        help="seconds between frames (default 0.25), or between JSON lines",
     )
     return parser
+
+
+def version() -> str:
+    """The installed version and the core that runs the hot path."""
+    try:
+        number = metadata.version("dispatcher-lb")
+    except metadata.PackageNotFoundError:
+        number = "(not installed)"
+    return f"dispatcher {number}; core: {CORE}"
 
 
 def _count(text: str) -> int:
@@ -109,7 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=PLAIN_WIDTH)
     with stop_on_signals() as stop:
         if args.command == "top":
-            return top(args.target, console, stop, once=args.once, interval=args.interval)
+            return top(
+                args.target,
+                console,
+                stop,
+                once=args.once,
+                interval=args.interval,
+                as_json=args.json,
+            )
         options = demo.Options(
             backends=args.backends,
             workers=args.workers,

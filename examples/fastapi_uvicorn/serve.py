@@ -1,29 +1,22 @@
-"""python examples/fastapi_uvicorn/serve.py
+"""python examples/fastapi_uvicorn/serve.py --workers 4 --port 8001
 
-uvicorn --workers spawns its workers and imports the app by string, so this parent owns the
-balancer and passes its name in $DISPATCHER_BALANCER; each worker attaches by that name.
+The same app, started from a script: `uvicorn.run` with spawned workers, each of which joins
+the shared balancer the app asks for (`Balancer.shared` needs no help from this parent).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+
+import uvicorn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.append(os.path.dirname(os.path.dirname(HERE)))
-
-import downstream  # noqa: E402
-import uvicorn  # noqa: E402
-
-from dispatcher.servers import shared_balancer  # noqa: E402
 
 if __name__ == "__main__":
-    stub = downstream.start()
-    try:
-        with shared_balancer(downstream.addresses(), strategy="least_loaded"):
-            uvicorn.run("app:app", app_dir=HERE, host="127.0.0.1", port=8001, workers=2)
-    finally:
-        if stub is not None:
-            stub.terminate()
-            stub.wait(10)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    parser.add_argument("--port", type=int, default=8001, help="port to serve (default 8001)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    args = parser.parse_args()
+    uvicorn.run("app:app", app_dir=HERE, host=args.host, port=args.port, workers=args.workers)

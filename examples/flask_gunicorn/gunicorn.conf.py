@@ -1,7 +1,9 @@
 """gunicorn -c examples/flask_gunicorn/gunicorn.conf.py
 
-The master owns the balancer; the four workers share it. The stand-in downstream is started
-here too, so the command works with nothing else running (set $DOWNSTREAM to use real ones).
+The gunicorn hooks: the master owns the balancer, its four workers share it, and the master
+reclaims a dead worker's calls as soon as gunicorn reaps it. The stand-in downstream is
+started here too, so the command works with nothing else running (set $DOWNSTREAM to use
+real instances).
 """
 
 import os
@@ -11,10 +13,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import downstream
 
+from dispatcher import HealthCheck
 from dispatcher import gunicorn as dg
 from dispatcher.gunicorn import child_exit, post_fork  # noqa: F401
 
-dg.configure(downstream.addresses(), strategy="least_loaded")
+dg.configure(
+    downstream.addresses(),
+    strategy="least_loaded",
+    # An instance that was down is back one passing probe after it returns, not when its
+    # 30 s ejection ends.
+    health_check=HealthCheck(path="/health", interval=1.0, rise=1, fall=2, timeout=0.5),
+)
 
 chdir = os.path.dirname(os.path.abspath(__file__))
 wsgi_app = "app:app"
