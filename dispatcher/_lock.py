@@ -255,7 +255,11 @@ class SharedLock:
             elif not anonymous_since:
                 anonymous_since = monotonic_ns()
                 continue
-            elif monotonic_ns() - anonymous_since < ANONYMOUS_HOLDER_NS or self._any_stopped():
+            elif monotonic_ns() - anonymous_since < ANONYMOUS_HOLDER_NS:
+                continue
+            elif self._any_stopped():
+                # The holder may be the stopped one: its time runs again once it is continued.
+                anonymous_since = monotonic_ns()
                 continue
             self._recover(box, holder)
             if box[0]:

@@ -477,12 +477,14 @@ static PyTypeObject HotPathType = {
 
 /* EqualScan ------------------------------------------------------------------------------- */
 
-/* `LeastLoaded.pick` over contiguous slots of equal weight with no penalties: the least
- * loaded, ties taken in turn from `turns[0]` (shared with the Python path) onwards. */
+/* `LeastLoaded.pick` over contiguous slots of equal weight with no penalties, choice for
+ * choice as the Python path (`_strategies._Scan`): all idle, the next in turn from
+ * `turns[0]`; else an idle one drawn with the generator in `turns[1]`, else the first idle
+ * after the last draw; none idle, the same among the least loaded. */
 typedef struct {
     PyObject_HEAD
     Py_ssize_t lo, hi;
-    PyObject *turns;    /* a writable buffer of one int64: the tie-break position */
+    PyObject *turns;    /* a writable buffer of two int64: the next turn, the draws' state */
     Py_buffer turn;
 } EqualScan;
 
@@ -506,9 +508,9 @@ EqualScan_init(EqualScan *self, PyObject *args, PyObject *kwds)
     if (PyObject_GetBuffer(turns, &self->turn, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         return -1;
     }
-    if (self->turn.len < 8 || ((uintptr_t)self->turn.buf % 8) != 0) {
+    if (self->turn.len < 16 || ((uintptr_t)self->turn.buf % 8) != 0) {
         PyBuffer_Release(&self->turn);
-        PyErr_SetString(PyExc_ValueError, "turns must hold one aligned int64");
+        PyErr_SetString(PyExc_ValueError, "turns must hold two aligned int64");
         return -1;
     }
     self->lo = lo;
@@ -542,6 +544,35 @@ EqualScan_dealloc(EqualScan *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+#define DRAWS 4
+#define MULTIPLIER 6364136223846793005ULL
+#define INCREMENT 1442695040888963407ULL
+#define MASK 0x7fffffffffffffffULL
+
+/* `_draw_idle` (`low` 0) and `_draw_least`: a slot counting `low`, drawn; -1 if none does. */
+static Py_ssize_t
+draw(const volatile int64_t *counts, Py_ssize_t n, int64_t low, int64_t *turns)
+{
+    uint64_t state = (uint64_t)turns[1];
+    Py_ssize_t i = 0;
+    for (int k = 0; k < DRAWS; k++) {
+        state = (state * MULTIPLIER + INCREMENT) & MASK;
+        i = (Py_ssize_t)((state >> 31) % (uint64_t)n);
+        if (counts[i] == low) {
+            turns[1] = (int64_t)state;
+            return i;
+        }
+    }
+    turns[1] = (int64_t)state;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t j = i + k < n ? i + k : i + k - n;
+        if (counts[j] == low) {
+            return j;
+        }
+    }
+    return -1;
+}
+
 /* pick(in_flight) -> slot: the calls in flight by slot, as a buffer of int64. */
 static PyObject *
 EqualScan_pick(EqualScan *self, PyObject *in_flight)
@@ -559,31 +590,35 @@ EqualScan_pick(EqualScan *self, PyObject *in_flight)
         PyErr_SetString(PyExc_ValueError, "fewer counts than slots");
         return NULL;
     }
-    /* Each count is read once: other processes change them meanwhile. */
+    /* Counts are read live, as the Python path reads them: other processes change them. */
     const volatile int64_t *counts = (const int64_t *)view.buf + self->lo;
     Py_ssize_t n = self->hi - self->lo;
     int64_t *turns = (int64_t *)self->turn.buf;
-    Py_ssize_t start = turns[0] >= 0 && turns[0] < n ? (Py_ssize_t)turns[0] : 0;
-    /* As the Python path: the first idle one from `start` on, else the first of the least. */
-    Py_ssize_t chosen = -1, least = -1;
-    int64_t low = 0;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        Py_ssize_t i = start + k < n ? start + k : start + k - n;
-        int64_t count = counts[i];
-        if (count == 0) {
-            chosen = i;
+    Py_ssize_t chosen = -1;
+    int all_idle = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (counts[i] != 0) {
+            all_idle = 0;
             break;
         }
-        if (least < 0 || count < low) {
-            least = i;
-            low = count;
+    }
+    if (all_idle) {
+        Py_ssize_t turn = (Py_ssize_t)(turns[0] % n);
+        chosen = turn < 0 ? turn + n : turn; /* Python's modulo */
+        turns[0] = chosen + 1;
+    }
+    else {
+        chosen = draw(counts, n, 0, turns);
+        if (chosen < 0) {
+            int64_t low = counts[0];
+            for (Py_ssize_t i = 1; i < n; i++) {
+                int64_t count = counts[i];
+                low = count < low ? count : low;
+            }
+            chosen = draw(counts, n, low, turns);
         }
     }
     PyBuffer_Release(&view);
-    if (chosen < 0) {
-        chosen = least;
-    }
-    turns[0] = chosen + 1;
     return PyLong_FromSsize_t(self->lo + chosen);
 }
 

@@ -308,14 +308,20 @@ class WeightedRandom(_Randomised):
 class _Scan:
     """How `LeastLoaded` reads a view, and this process's tie-break state for it.
 
-    With equal weights, ties go in turn: the first tied slot at or after ``turns[0]``, which
-    then moves past it, so tied backends share exactly; each process starts at a random point,
-    so that workers which start (or see a new view) at once do not pick in lockstep. An idle
-    backend ends the search: on shared counts of contiguous slots, it is found in their bytes
-    (`bytes.find`), so a pool that is not saturated costs about the same at 4096 backends as
-    at 8; otherwise the counts are read in one C-level call (a slice, or an `itemgetter` when
-    some slots are out). With unequal weights (slow start), `current` holds the smooth
-    weighted round-robin values by slot (minus infinity for slots not in the view).
+    With equal weights, ties are broken two ways, both keeping the fair share. When every
+    backend is idle (a pool that is not saturated, the common case), they are taken in turn
+    from ``turns[0]``: one comparison of the counts' bytes, whatever the number of backends.
+    Otherwise a tied backend is drawn at random from ``turns[1]``, the state of a small
+    generator that the compiled core steps the same way: a few draws almost always land on a
+    tied backend, and only when they all miss is the first tied one after the last draw taken.
+    A draw, not the next tied one after a pointer: that would give a busy backend's turns to
+    its neighbour, doubling the neighbour's share (`scripts/simulate.py` shows it in the
+    tails). Each process starts at random points, so workers that start at once do not pick
+    in lockstep. Counts are read in one C-level call (a slice, or an `itemgetter` when some
+    slots are out); on shared counts of contiguous slots an idle backend is checked in their
+    bytes, so 4096 backends cost about what 8 do. With unequal weights (slow start), `current`
+    holds the smooth weighted round-robin values by slot (minus infinity for slots not in the
+    view).
     """
 
     __slots__ = ("current", "fast", "idle", "read", "span", "turns", "uniform", "view")
@@ -335,8 +341,8 @@ class _Scan:
         """Where the counts of every slot lie, when they are shared ones (a memoryview)."""
         self.idle = bytes(8 * len(slots))
         """The bytes of `span` when every backend is idle."""
-        self.turns = array("q", [random.randrange(len(slots))])
-        """Where the next tie-break starts, as an index into `view.slots`."""
+        self.turns = array("q", [random.randrange(len(slots)), random.getrandbits(63)])
+        """The next turn when all are idle, as an index into `view.slots`; the draws' state."""
         self.fast: Callable[[Sequence[int]], int] | None = None
         """The compiled core's pick for equal weights and no penalties, when it runs
         (`_core`): the same choices, from the same `turns`."""
@@ -388,12 +394,15 @@ class LeastLoaded:
                 # `span` is set only for shared counts: a memoryview, with `tobytes`.
                 raw = view.in_flight[scan.span].tobytes()  # type: ignore[attr-defined]
                 turns = scan.turns
-                i = turns[0] % len(slots) if raw == scan.idle else _next_idle(raw, turns[0])
-                if i >= 0:
+                if raw == scan.idle:
+                    i = turns[0] % len(slots)
                     turns[0] = i + 1
                     return slots[i]
+                i = _draw_idle(raw, turns)
+                if i >= 0:
+                    return slots[i]
             counts = list(scan.read(view.in_flight))
-        return slots[_next_least(counts, scan.turns)]
+        return slots[_draw_least(counts, scan.turns)]
 
     def _follow(self, view: View) -> _Scan:
         """The scan for `view`: the current one if the view only was rebuilt, else a new one."""
@@ -411,31 +420,59 @@ class LeastLoaded:
 
 IDLE = bytes(8)
 """A count of zero, as the bytes of a shared word."""
+DRAWS = 4
+"""Draws for a tied backend before taking the first one after the last draw."""
+_MULTIPLIER, _INCREMENT, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
-def _next_idle(raw: bytes, turn: int) -> int:
-    """The index of the first idle slot in `raw` (counts' bytes) at or after `turn`, going
-    round; -1 if none is idle."""
-    start = turn * 8
+def _draw_idle(raw: bytes, turns: array[int]) -> int:
+    """The index of an idle slot in `raw` (counts' bytes), drawn; -1 if none is idle.
+
+    The draws step the generator in ``turns[1]`` (Knuth's MMIX constants, modulo 2**63 so
+    the state fits a signed word), as `_draw_least` and the compiled core do.
+    """
+    n = len(raw) >> 3
+    state = turns[1]
+    i = 0
+    for _ in range(DRAWS):
+        state = (state * _MULTIPLIER + _INCREMENT) & _MASK
+        i = (state >> 31) % n
+        if raw.startswith(IDLE, i << 3):
+            turns[1] = state
+            return i
+    turns[1] = state
+    start = i << 3
     for begin, end in ((start, len(raw)), (0, start)):
         at = raw.find(IDLE, begin, end + 7)
         while at >= 0 and at % 8:  # the zero bytes of two neighbours: look on, aligned
             at = raw.find(IDLE, at + 8 - at % 8, end + 7)
         if 0 <= at < end:
-            return at // 8
+            return at >> 3
     return -1
 
 
-def _next_least(counts: list[int], turns: array[int]) -> int:
-    """The index of the first of the least loaded at or after ``turns[0]``, going round; an
-    idle one if any. `turns` moves past it."""
+def _draw_least(counts: list[int], turns: array[int]) -> int:
+    """The index of one of the least loaded, drawn as `_draw_idle` draws; an idle one if any;
+    the next in turn if all are idle."""
     low = 0 if 0 in counts else min(counts)
+    n = len(counts)
+    if not low and not any(counts):
+        i = turns[0] % n
+        turns[0] = i + 1
+        return i
+    state = turns[1]
+    i = 0
+    for _ in range(DRAWS):
+        state = (state * _MULTIPLIER + _INCREMENT) & _MASK
+        i = (state >> 31) % n
+        if counts[i] == low:
+            turns[1] = state
+            return i
+    turns[1] = state
     try:
-        i = counts.index(low, turns[0])
+        return counts.index(low, i)
     except ValueError:
-        i = counts.index(low)
-    turns[0] = i + 1
-    return i
+        return counts.index(low)
 
 
 def _loads(view: View) -> Sequence[int]:

@@ -196,28 +196,37 @@ def test_least_loaded_weighs_and_shares_ties_fairly() -> None:
     strategy = LeastLoaded()
     # 2/1, 3/3 and 5/1: the second wins on load per weight though it has more in flight.
     assert picks(strategy, view([1.0, 3.0, 1.0], [2, 3, 5]), 10) == {1: 10}
-    # Two tied idle backends next to two busy ones share exactly: a tie-break that started
-    # from a rotating position would give the first of the pair three picks in four.
-    assert picks(strategy, view([1.0] * 4, [0, 0, 9, 9]), 400) == {0: 200, 1: 200}
+    # Two tied idle backends next to two busy ones share evenly (drawn: each pick is a fair
+    # coin, so 400 picks stay within 200 +- 60 but once in 10**9 runs).
+    shares = picks(strategy, view([1.0] * 4, [0, 0, 9, 9]), 400)
+    assert shares.keys() == {0, 1} and abs(shares[0] - 200) <= 60
     # Idle backends tie; ties follow weights, which is how slow start acts when idle.
     assert picks(strategy, view([1.0, 3.0]), 400) == {0: 100, 1: 300}
     # A large idle pool is visited in turn, each backend once per cycle.
     assert picks(strategy, view([1.0] * 64), 640) == dict.fromkeys(range(64), 10)
 
 
-def reference_least_loaded(view: View, current: dict[int, float], turn: list[int]) -> int:
+def reference_least_loaded(view: View, current: dict[int, float], turns: list[int]) -> int:
     """NGINX's least_conn written plainly: the lowest load; among ties, with equal weights the
-    first at or after the tie-break position `turn` (going round, an idle one first), with
-    unequal weights smooth weighted round-robin."""
+    next in turn (``turns[0]``) when all are idle, else one drawn with the generator in
+    ``turns[1]`` (the first tied after the last draw when every draw misses); with unequal
+    weights smooth weighted round-robin."""
     slots = view.slots
     if len({view.weights[s] for s in slots}) == 1:
         counts = [view.in_flight[s] for s in slots]
-        low = 0 if 0 in counts else min(counts)
-        start = turn[0] if turn[0] < len(slots) else 0
-        order = [*range(start, len(slots)), *range(start)]
-        i = next(i for i in order if counts[i] == low)
-        turn[0] = i + 1
-        return slots[i]
+        n = len(counts)
+        if not any(counts):
+            i = turns[0] % n
+            turns[0] = i + 1
+            return slots[i]
+        low = min(counts)
+        i = 0
+        for _ in range(4):
+            turns[1] = (turns[1] * 6364136223846793005 + 1442695040888963407) % 2**63
+            i = (turns[1] >> 31) % n
+            if counts[i] == low:
+                return slots[i]
+        return slots[next(j % n for j in range(i, i + n) if counts[j % n] == low)]
     low = min(view.in_flight[s] / view.weights[s] for s in slots)
     tied = [s for s in slots if view.in_flight[s] / view.weights[s] == low]
     for s in tied:
@@ -259,7 +268,7 @@ def test_least_loaded_is_nginx_least_conn(
     v = View(version=1, slots=slots, weights=weights, in_flight=in_flight, latency=[0.0] * n)
     random.seed(seed)
     current = {s: random.random() * weights[s] for s in slots}
-    turn = [random.randrange(len(slots))]
+    turns = [random.randrange(len(slots)), random.getrandbits(63)]
     random.seed(seed)
     strategy = LeastLoaded()
     for step, which in steps:
@@ -269,7 +278,7 @@ def test_least_loaded_is_nginx_least_conn(
                 in_flight[busy[which % len(busy)]] -= 1
             continue
         chosen = strategy.pick(v, -1, None)
-        assert chosen == reference_least_loaded(v, current, turn)
+        assert chosen == reference_least_loaded(v, current, turns)
         in_flight[chosen] += step == "h"
 
 
