@@ -10,6 +10,7 @@ which handles every case it leaves alone and stays the reference: both leave the
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -22,8 +23,8 @@ PURE_PYTHON_VARIABLE = "DISPATCHER_PURE_PYTHON"
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
         return None, f"pure Python ({PURE_PYTHON_VARIABLE} is set)"
-    try:
-        from . import _speedups  # noqa: PLC0415 (optional: may not be built)
+    try:  # by name: an optional module, which may not be built
+        _speedups = importlib.import_module(f"{__package__}._speedups")
     except ImportError:
         return None, "pure Python (the compiled core is not built)"
     _speedups.configure(

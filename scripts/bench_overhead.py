@@ -235,7 +235,7 @@ def run(
     cores = {c for _, _, c in results}
     if variant.startswith("dispatcher"):
         wanted = "pure Python" if variant == "dispatcher_py" else "compiled"
-        assert cores == {wanted}, f"{variant} ran the {cores} core"
+        assert {core.split(" (")[0] for core in cores} == {wanted}, f"{variant} ran {cores}"
     merged = sorted(x for _, samples, _ in results for x in samples)
     n = len(merged)
     wall = max(elapsed for elapsed, _, _ in results)
@@ -417,26 +417,51 @@ def judge(
 # Scale --------------------------------------------------------------------------------------
 
 
-def per_call(backends: int, calls: int, rounds: int) -> tuple[str, float]:
-    """Median ns per call of one process's shared balancer over `backends` backends."""
-    balancer = Balancer(
-        addresses(backends),
-        backend_factory=Null,
-        capacity=max(backends, 8),
-        max_workers=2,
-        monitor=False,
-    )
-    invoke = balancer.invoke
-    for _ in range(WARMUP):
-        invoke(None)
-    times = []
+class Parked(Null):
+    """`Null`, except for the request "park": that call stays in flight until `PARKED` is set."""
+
+    def invoke(self, request: Any, *, timeout: float | None = None) -> None:
+        if request == "park":
+            PARKED.wait()
+
+
+PARKED = threading.Event()
+
+
+def per_call(sizes: list[int], calls: int, rounds: int, busy: bool) -> tuple[str, dict[int, float]]:
+    """Median ns per call through one process's shared balancer at each of `sizes` backends,
+    the sizes interleaved in every round; with `busy`, one call stays in flight throughout, so
+    every pick breaks a partial tie."""
+    balancers = [
+        Balancer(
+            addresses(n), backend_factory=Parked, capacity=max(n, 8), max_workers=2, monitor=False
+        )
+        for n in sizes
+    ]
+    parked = []
+    if busy:
+        for balancer in balancers:
+            parked.append(threading.Thread(target=balancer.invoke, args=("park",)))
+            parked[-1].start()
+        while any(sum(s.in_flight for s in b.snapshot()) < 1 for b in balancers):
+            time.sleep(0.001)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for balancer in balancers:
+        for _ in range(WARMUP):
+            balancer.invoke(None)
     for _ in range(rounds):
-        begin = time.perf_counter_ns()
-        for _ in range(calls):
-            invoke(None)
-        times.append((time.perf_counter_ns() - begin) / calls)
-    balancer.close()
-    return core(), statistics.median(times)
+        for n, balancer in zip(sizes, balancers, strict=True):
+            invoke = balancer.invoke
+            begin = time.perf_counter_ns()
+            for _ in range(calls):
+                invoke(None)
+            times[n].append((time.perf_counter_ns() - begin) / calls)
+    PARKED.set()
+    for thread in parked:
+        thread.join()
+    for balancer in balancers:
+        balancer.close()
+    return core().split(" (")[0], {n: statistics.median(t) for n, t in times.items()}
 
 
 def in_child(pure: bool, function: Callable[..., Any], *args: Any) -> Any:
@@ -506,18 +531,20 @@ def measure_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
     logging.getLogger("dispatcher").setLevel(logging.ERROR)  # the reaps' events
     rows: list[dict[str, Any]] = []
     print(f"scale: {multiprocessing.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at start")
-    print("\nA call through invoke (one process, all backends idle), ns:")
-    print(f"{'backends':>8} {'core':>12} {'ns/call':>8} {'x 8 backends':>13}")
+    sizes = [8, 64, 512, 4096]
+    print("\nA call through invoke, one process, sizes interleaved in each round; ns per call:")
+    print(f"{'backends':>8} {'core':>12} {'load':>9} {'ns/call':>8} {'x 8 backends':>13}")
     for pure in (True, False):
-        base = 0.0
-        for backends in (8, 64, 512, 4096):
-            which, ns = in_child(pure, per_call, backends, args.calls // 2, args.rounds)
+        for busy in (False, True):
+            which, medians = in_child(pure, per_call, sizes, args.calls // 4, args.rounds, busy)
             if not pure and which != "compiled":
                 print("(the compiled core is not built)")
                 break
-            base = base or ns
-            rows.append({"what": "call", "backends": backends, "core": which, "ns": ns})
-            print(f"{backends:>8} {which:>12} {ns:>8.0f} {ns / base:>12.2f}x")
+            load = "one busy" if busy else "all idle"
+            for n in sizes:
+                ns = medians[n]
+                rows.append({"what": "call", "backends": n, "core": which, "load": load, "ns": ns})
+                print(f"{n:>8} {which:>12} {load:>9} {ns:>8.0f} {ns / medians[8]:>12.2f}x")
 
     print("\nAt 4096 backends x 1024 worker rows:")
     begin = time.perf_counter()

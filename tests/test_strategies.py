@@ -206,7 +206,9 @@ def test_least_loaded_weighs_and_shares_ties_fairly() -> None:
     assert picks(strategy, view([1.0] * 64), 640) == dict.fromkeys(range(64), 10)
 
 
-def reference_least_loaded(view: View, current: dict[int, float], turns: list[int]) -> int:
+def reference_least_loaded(
+    view: View, current: dict[int, float], turns: list[int], shared: bool
+) -> int:
     """NGINX's least_conn written plainly: the lowest load; among ties, with equal weights the
     next in turn (``turns[0]``) when all are idle, else one drawn with the generator in
     ``turns[1]`` (the first tied after the last draw when every draw misses); with unequal
@@ -219,14 +221,18 @@ def reference_least_loaded(view: View, current: dict[int, float], turns: list[in
             i = turns[0] % n
             turns[0] = i + 1
             return slots[i]
-        low = min(counts)
-        i = 0
-        for _ in range(4):
-            turns[1] = (turns[1] * 6364136223846793005 + 1442695040888963407) % 2**63
-            i = (turns[1] >> 31) % n
-            if counts[i] == low:
-                return slots[i]
-        return slots[next(j % n for j in range(i, i + n) if counts[j % n] == low)]
+        # An idle backend is drawn for first; when none is, those draws are spent, and the
+        # least loaded are drawn for next (where the counts are shared ones).
+        searches = [0, min(counts)] if shared and 0 not in counts else [min(counts)]
+        for low in searches:
+            i = 0
+            for _ in range(4):
+                turns[1] = (turns[1] * 6364136223846793005 + 1442695040888963407) % 2**63
+                i = (turns[1] >> 31) % n
+                if counts[i] == low:
+                    return slots[i]
+            if low in counts:
+                return slots[next(j % n for j in range(i, i + n) if counts[j % n] == low)]
     low = min(view.in_flight[s] / view.weights[s] for s in slots)
     tied = [s for s in slots if view.in_flight[s] / view.weights[s] == low]
     for s in tied:
@@ -265,6 +271,7 @@ def test_least_loaded_is_nginx_least_conn(
     slots = tuple(eligible.draw(st.sets(st.integers(0, n - 1), min_size=1).map(sorted)))
     # Shared counts are a memoryview of 64-bit words, as a segment's are.
     in_flight: Any = memoryview(array("q", [0] * n)) if shared else [0] * n
+    contiguous = slots == tuple(range(slots[0], slots[-1] + 1))
     v = View(version=1, slots=slots, weights=weights, in_flight=in_flight, latency=[0.0] * n)
     random.seed(seed)
     current = {s: random.random() * weights[s] for s in slots}
@@ -278,7 +285,7 @@ def test_least_loaded_is_nginx_least_conn(
                 in_flight[busy[which % len(busy)]] -= 1
             continue
         chosen = strategy.pick(v, -1, None)
-        assert chosen == reference_least_loaded(v, current, turns)
+        assert chosen == reference_least_loaded(v, current, turns, shared and contiguous)
         in_flight[chosen] += step == "h"
 
 
