@@ -118,7 +118,7 @@ class Balancer:
         addrs: Iterable[str] = (),
         *,
         backend_factory: BackendFactory = HttpBackend,
-        strategy: str | Strategy = "round_robin",
+        strategy: str | Strategy = "least_loaded",
         capacity: int = 64,
         max_workers: int = 128,
         failure_threshold: int = 5,

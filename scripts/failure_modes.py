@@ -19,6 +19,17 @@ on how busy the others are, so the share in ``fast-fail`` grows with ``--rate``.
 * ``held``: the bad backend holds every request ``--hold-ms`` (2 s) against the 1 s client
   timeout, as in Linkerd's "Beyond Round Robin" test (11 backends, one held: round robin
   about 95.5% success, least-loaded about 99%, peak EWMA about 99.9%).
+* ``cpu-bound``: the client, not the backends, is the bottleneck. Every backend answers after
+  a fixed time with no queue (``--cpu-fast-ms``, 5 ms; the bad one ``--cpu-slow-ms``,
+  200 ms), and each worker calls in a closed loop with ``--tasks`` callers (64; several
+  values sweep them): asyncio tasks awaiting ``balancer.ainvoke(...)`` on one event loop per
+  worker (``async``, through ``--async-backend``, `dispatcher.aio.AsyncHttpBackend` by
+  default) or threads calling ``balancer.invoke(...)`` (``sync``, `HttpBackend`)
+  (``--clients``). With more callers than the workers' CPU can serve promptly, every call
+  waits in its own worker (for the event loop, or for the GIL) before and after the backend
+  answers. The table shows the calls/s, the share sent to the slow backend, the time callers
+  saw for fast and slow answers, the calls in flight on each as the balancers counted them,
+  and the client's lag (how late a 50 ms sleep in each worker wakes).
 
 Each strategy (``--strategies``; round_robin, least_loaded, power_of_two and peak_ewma by
 default) runs **shared** (the workers attach to one `Balancer`, as a pre-fork server does) and
@@ -31,25 +42,31 @@ backend against its fair share, the bad backend's peak-EWMA latency as the balan
 at the end of the run (median over the workers' handles), and "late p99": how far behind its
 schedule the client started calls (if it is large, the client, not the balancer, was the
 bottleneck). Every row is the median over ``--rounds`` rounds; in each round the runs of a
-scenario go in a rotated order, so noise on this shared machine falls on every row alike.
+scenario go in a rotated order, so noise on this shared machine falls on every row alike. The
+1-minute load average after each run is printed with it, and summed up before the tables.
 
 Only the public API is used (``from dispatcher import Balancer, HttpBackend, HttpRequest``, plus
 ``dispatcher.STRATEGIES`` to build seeded strategy objects). ``--seed`` seeds the backends'
 service times and every strategy's random choices (each worker attaches with its own seeded
 strategy object); thread timing on a loaded machine still varies between runs.
 
-    python scripts/failure_modes.py                            # everything, 3 rounds: ~45 min
+    python scripts/failure_modes.py                            # everything, 3 rounds: ~65 min
     python scripts/failure_modes.py --quick                    # setup check: ~30 s
     python scripts/failure_modes.py --scenarios fast-fail --strategies least_loaded peak_ewma
     python scripts/failure_modes.py --rounds 1 --json /tmp/failure-modes.json --seed 7
     python scripts/failure_modes.py --scenarios held --states shared --ejection off --rate 400
+    python scripts/failure_modes.py --scenarios cpu-bound --states shared --ejection on \
+        --tasks 4 16 64 --strategies least_loaded power_of_two peak_ewma
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
+import importlib
+import inspect
 import itertools
 import json
 import math
@@ -77,8 +94,10 @@ from dispatcher import Balancer, HttpBackend, HttpRequest
 HERE = Path(__file__).resolve().parent
 BACKEND_SCRIPT = HERE / "_bench_http_backend.py"
 STRATEGIES = ("round_robin", "least_loaded", "power_of_two", "peak_ewma")
-SCENARIOS = ("fast-fail", "slow-then-fast", "slow-once", "held")
+SCENARIOS = ("fast-fail", "slow-then-fast", "slow-once", "held", "cpu-bound")
 SLOW = ("slow-then-fast", "slow-once")
+CPU_BOUND = "cpu-bound"
+CLIENTS = ("async", "sync")
 REQUEST = HttpRequest("GET", "/")
 NO_EJECTION = 1 << 31
 """A `failure_threshold` no backend reaches: ejection off."""
@@ -104,6 +123,9 @@ class Config:
     slow_seconds: float
     after: float
     hold_ms: float
+    cpu_fast_ms: float = 5.0
+    cpu_slow_ms: float = 200.0
+    async_backend: str = "dispatcher.aio:AsyncHttpBackend"
 
     def duration(self, scenario: str) -> float:
         if scenario == "slow-then-fast":
@@ -119,6 +141,11 @@ class Run:
     strategy: str
     shared: bool
     ejection: bool
+    client: str = "paced"
+    """How the workers call: "paced" (threads on a schedule), or in ``cpu-bound`` a closed loop
+    of "async" tasks on one event loop per worker or of "sync" threads."""
+    tasks: int = 0
+    """``cpu-bound``: callers per worker (tasks or threads)."""
 
     @property
     def state(self) -> str:
@@ -126,7 +153,10 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.strategy} {self.state} ejection {'on' if self.ejection else 'off'}"
+        name = f"{self.strategy} {self.state} ejection {'on' if self.ejection else 'off'}"
+        if self.scenario == CPU_BOUND:
+            name = f"{self.strategy} {self.client} x{self.tasks} {name.partition(' ')[2]}"
+        return name
 
 
 # Backends --------------------------------------------------------------------------------
@@ -179,8 +209,9 @@ def behave(addr: str, **query: object) -> None:
     HttpBackend(addr).invoke(HttpRequest("GET", path), timeout=5)
 
 
-def misbehave(cfg: Config, scenario: str, addr: str, t0: float) -> None:
+def misbehave(cfg: Config, scenario: str, addrs: list[str], t0: float) -> None:
     """Make the bad backend misbehave as `scenario` wants, relative to the run's start `t0`."""
+    addr = addrs[cfg.bad]
     at = int((t0 + cfg.slow_at) * 1e9)
     if scenario == "fast-fail":
         behave(addr, mode="fail", status=503)
@@ -191,6 +222,10 @@ def misbehave(cfg: Config, scenario: str, addr: str, t0: float) -> None:
         behave(addr, mode="slow", ms=cfg.slow_ms, **{"from": at, "until": until})
     elif scenario == "slow-once":
         behave(addr, mode="slow", ms=cfg.slow_ms, count=1, **{"from": at})
+    elif scenario == CPU_BOUND:
+        # Fixed answer times with no queue at the backends: any queue is the client's own.
+        for i, other in enumerate(addrs):
+            behave(other, mode="slow", ms=cfg.cpu_slow_ms if i == cfg.bad else cfg.cpu_fast_ms)
     else:
         raise ValueError(scenario)
 
@@ -229,6 +264,37 @@ def bad_stats(balancer: Balancer, bad_addr: str) -> tuple[float, float]:
     return math.nan, math.nan
 
 
+def client_balancer(
+    cfg: Config, run: Run, segment: str, addrs: list[str], strategy: Any, factory: Any
+) -> Balancer:
+    """This worker's balancer: attached to the run's shared one, or its own."""
+    if run.shared:
+        return Balancer.attach(segment, backend_factory=factory, strategy=strategy)
+    return Balancer(
+        addrs,
+        strategy=strategy,
+        shared=False,
+        monitor=False,
+        backend_factory=factory,
+        failure_threshold=5 if run.ejection else NO_EJECTION,
+    )
+
+
+def async_factory(spec: str, pool_size: int) -> Any:
+    """The async backend class named by `spec` ("module:Name"), with a pool of `pool_size`
+    connections if it takes one."""
+    module, _, name = spec.partition(":")
+    backend = getattr(importlib.import_module(module), name)
+    if "pool_size" in inspect.signature(backend).parameters:
+        return functools.partial(backend, pool_size=pool_size)
+    return backend
+
+
+def outcome_of(exc: BaseException, where_of: dict[str, int]) -> int:
+    """A failed call's code: -(slot + 2), or -1 for a failure with no backend to blame."""
+    return -where_of.get(getattr(exc, "addr", ""), -1) - 2
+
+
 def worker(
     cfg: Config,
     run: Run,
@@ -244,17 +310,7 @@ def worker(
     random.seed(seed)
     strategy = make_strategy(run.strategy, seed)
     factory = functools.partial(HttpBackend, pool_size=cfg.threads)
-    if run.shared:
-        balancer = Balancer.attach(segment, backend_factory=factory, strategy=strategy)
-    else:
-        balancer = Balancer(
-            addrs,
-            strategy=strategy,
-            shared=False,
-            monitor=False,
-            backend_factory=factory,
-            failure_threshold=5 if run.ejection else NO_EJECTION,
-        )
+    balancer = client_balancer(cfg, run, segment, addrs, strategy, factory)
     where_of = {addr: i for i, addr in enumerate(addrs)}
     invoke, timeout, clock = balancer.invoke, cfg.timeout, time.monotonic
     interval = cfg.workers / cfg.rate
@@ -278,8 +334,7 @@ def worker(
                 answer = invoke(REQUEST, timeout=timeout)
                 slot = int(answer.body)
             except Exception as exc:
-                # Failures are coded -(slot + 2); -1 is a failure with no backend to blame.
-                slot = -where_of.get(getattr(exc, "addr", ""), -1) - 2
+                slot = outcome_of(exc, where_of)
             finished = clock()
             starts.append(began - t0)
             latencies.append(finished - began)
@@ -292,18 +347,171 @@ def worker(
         thread.start()
     for thread in threads:
         thread.join()
+    report(cfg, balancer, addrs, index, results, {}, out)
+
+
+def report(
+    cfg: Config,
+    balancer: Balancer,
+    addrs: list[str],
+    index: int,
+    results: list[tuple[array[float], array[float], array[float], array[int]]],
+    extra: dict[str, Any],
+    out: Any,
+) -> None:
+    """Close this worker's balancer and send its calls (and `extra` measures) to the parent."""
     ewma_ms, ejected = bad_stats(balancer, addrs[cfg.bad])
     balancer.close()
     merged = [array("d"), array("d"), array("d"), array("b")]
     for part in results:
         for into, values in zip(merged, part, strict=True):
             into.extend(values)  # type: ignore[arg-type]
-    out.put((index, *(a.tobytes() for a in merged), ewma_ms, ejected))
+    out.put((index, *(a.tobytes() for a in merged), ewma_ms, ejected, extra))
+
+
+def in_flight_sampler(
+    balancer: Balancer, where_of: dict[str, int], since: float, end: float, sums: list[float]
+) -> Any:
+    """A thread that adds up, every 0.1 s from `since` to `end`, the calls in flight on each
+    backend as `balancer` sees them; ``sums[-1]`` counts the samples."""
+
+    def sample() -> None:
+        while (now := time.monotonic()) < end:
+            if now >= since:
+                for stats in balancer.snapshot():
+                    sums[where_of[stats.addr]] += stats.in_flight
+                sums[-1] += 1
+            time.sleep(0.1)
+
+    return threading.Thread(target=sample, daemon=True)
+
+
+PROBE_S = 0.05
+"""How long the lag probe sleeps: how much later than that it wakes is the client's lag."""
+
+
+def closed_worker(
+    cfg: Config,
+    run: Run,
+    index: int,
+    segment: str,
+    addrs: list[str],
+    start: tuple[Any, Any, Any],
+    seed: int,
+    out: Any,
+) -> None:
+    """A ``cpu-bound`` worker: `run.tasks` callers in a closed loop (asyncio tasks awaiting
+    `Balancer.ainvoke` on one event loop, or threads calling `Balancer.invoke`), with the calls
+    in flight per backend and the client's own lag sampled meanwhile.
+
+    Its backend clients are made and used once each before the run (an HTTP client's first
+    use can cost tens of milliseconds of CPU, e.g. loading CA certificates); then it says it is
+    ready and waits for the parent's start time: `start` is (ready queue, go event, start
+    time as a shared double)."""
+    ready, go, start_at = start
+    random.seed(seed)
+    strategy = make_strategy(run.strategy, seed)
+    if run.client == "async":
+        factory = async_factory(cfg.async_backend, run.tasks)
+    else:
+        factory = functools.partial(HttpBackend, pool_size=run.tasks)
+    made = {addr: factory(addr) for addr in addrs}
+    balancer = client_balancer(cfg, run, segment, addrs, strategy, made.__getitem__)
+    where_of = {addr: i for i, addr in enumerate(addrs)}
+    timeout, clock = cfg.timeout, time.monotonic
+    results: list[tuple[array[float], array[float], array[float], array[int]]] = []
+    lags: list[float] = []
+    sums = [0.0] * (len(addrs) + 1)
+
+    def begin() -> tuple[float, float, float]:
+        """Ready: wait for the start; (start, end of warm-up, end), and start sampling."""
+        ready.put(index)
+        go.wait()
+        t0 = start_at.value
+        since, end = t0 + cfg.warmup, t0 + cfg.duration(CPU_BOUND)
+        in_flight_sampler(balancer, where_of, since, end, sums).start()
+        return t0, since, end
+
+    def record() -> tuple[array[float], array[float], array[float], array[int]]:
+        part: Any = (array("d"), array("d"), array("d"), array("b"))
+        results.append(part)
+        return part  # type: ignore[no-any-return]
+
+    if run.client == "async":
+
+        async def caller(t0: float, end: float) -> None:
+            starts, latencies, _, where = record()
+            while (began := clock()) < end:
+                try:
+                    answer = await balancer.ainvoke(REQUEST, timeout=timeout)
+                    slot = int(answer.body)
+                except Exception as exc:
+                    slot = outcome_of(exc, where_of)
+                starts.append(began - t0)
+                latencies.append(clock() - began)
+                where.append(slot)
+
+        async def probe(since: float, end: float) -> None:
+            while (began := clock()) < end:
+                await asyncio.sleep(PROBE_S)
+                if began >= since:
+                    lags.append(clock() - began - PROBE_S)
+
+        async def main() -> None:
+            for backend in made.values():
+                await backend.ainvoke(REQUEST, timeout=10)
+            t0, since, end = await asyncio.get_running_loop().run_in_executor(None, begin)
+            await asyncio.sleep(max(t0 - clock(), 0.0))
+            await asyncio.gather(probe(since, end), *(caller(t0, end) for _ in range(run.tasks)))
+            for backend in made.values():
+                close = getattr(backend, "aclose", None)
+                if close is not None:
+                    await close()
+
+        asyncio.run(main())
+    else:
+        invoke = balancer.invoke
+        for backend in made.values():
+            backend.invoke(REQUEST, timeout=10)
+        t0, since, end = begin()
+
+        def caller() -> None:
+            starts, latencies, _, where = record()
+            time.sleep(max(t0 - clock(), 0.0))
+            while (began := clock()) < end:
+                try:
+                    slot = int(invoke(REQUEST, timeout=timeout).body)
+                except Exception as exc:
+                    slot = outcome_of(exc, where_of)
+                starts.append(began - t0)
+                latencies.append(clock() - began)
+                where.append(slot)
+
+        def probe() -> None:
+            time.sleep(max(t0 - clock(), 0.0))
+            while (began := clock()) < end:
+                time.sleep(PROBE_S)
+                if began >= since:
+                    lags.append(clock() - began - PROBE_S)
+
+        threads = [threading.Thread(target=caller) for _ in range(run.tasks)]
+        threads.append(threading.Thread(target=probe))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for starts, _, lateness, _ in results:
+        lateness.extend(array("d", bytes(8 * len(starts))))  # a closed loop is never late
+    samples = max(sums[-1], 1.0)
+    extra = {"in_flight": [s / samples for s in sums[:-1]], "lags": lags}
+    report(cfg, balancer, addrs, index, results, extra, out)
 
 
 @dataclass
 class Calls:
-    """Every call of one run: start (s from the run's start), latency (s), lateness, outcome."""
+    """Every call of one run: start (s from the run's start), latency (s), lateness, outcome;
+    for ``cpu-bound``, the calls in flight on each backend (mean over the run, the fleet's)
+    and the client's lag samples."""
 
     starts: array[float]
     latencies: array[float]
@@ -311,6 +519,8 @@ class Calls:
     where: array[int]
     ewma_ms: float
     times_ejected: float
+    in_flight: list[float]
+    lags: list[float]
 
 
 def run_once(cfg: Config, run: Run, addrs: list[str], round_: int) -> Calls:
@@ -326,39 +536,67 @@ def run_once(cfg: Config, run: Run, addrs: list[str], round_: int) -> Calls:
             failure_threshold=5 if run.ejection else NO_EJECTION,
             backend_factory=functools.partial(HttpBackend, pool_size=cfg.threads),
         )
-    bad = addrs[cfg.bad]
     try:
-        t0 = time.monotonic() + START_DELAY_S
-        end = t0 + cfg.duration(run.scenario)
-        misbehave(cfg, run.scenario, bad, t0)
         out = ctx.Queue()
-        children = [
-            ctx.Process(
-                target=worker,
-                args=(cfg, run, i, owner.name if owner else "", addrs, t0, end, seed + i, out),
-            )
-            for i in range(cfg.workers)
-        ]
-        for child in children:
-            child.start()
+        owner_name = owner.name if owner else ""
+        if run.scenario == CPU_BOUND:
+            misbehave(cfg, run.scenario, addrs, 0.0)
+            ready, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+            children = [
+                ctx.Process(
+                    target=closed_worker,
+                    args=(cfg, run, i, owner_name, addrs, (ready, go, start_at), seed + i, out),
+                )
+                for i in range(cfg.workers)
+            ]
+            for child in children:
+                child.start()
+            for _ in children:
+                ready.get(timeout=120)
+            start_at.value = t0 = time.monotonic() + 0.2
+            go.set()
+        else:
+            t0 = time.monotonic() + START_DELAY_S
+            misbehave(cfg, run.scenario, addrs, t0)
+            end = t0 + cfg.duration(run.scenario)
+            children = [
+                ctx.Process(
+                    target=worker,
+                    args=(cfg, run, i, owner_name, addrs, t0, end, seed + i, out),
+                )
+                for i in range(cfg.workers)
+            ]
+            for child in children:
+                child.start()
+        end = t0 + cfg.duration(run.scenario)
         reports = [out.get(timeout=end - time.monotonic() + 60) for _ in children]
         for child in children:
             child.join(30)
     finally:
-        behave(bad, mode="normal")
+        for addr in addrs if run.scenario == CPU_BOUND else [addrs[cfg.bad]]:
+            behave(addr, mode="normal")
         if owner is not None:
             owner.close()
-    calls = Calls(array("d"), array("d"), array("d"), array("b"), math.nan, math.nan)
-    ewmas, ejections = [], []
-    for _, starts, latencies, lateness, where, ewma_ms, ejected in sorted(reports):
+    calls = Calls(array("d"), array("d"), array("d"), array("b"), math.nan, math.nan, [], [])
+    ewmas, ejections, in_flight = [], [], []
+    for _, starts, latencies, lateness, where, ewma_ms, ejected, extra in sorted(
+        reports, key=lambda r: r[0]
+    ):
         calls.starts.frombytes(starts)
         calls.latencies.frombytes(latencies)
         calls.lateness.frombytes(lateness)
         calls.where.frombytes(where)
         ewmas.append(ewma_ms)
         ejections.append(ejected)
+        if extra:
+            in_flight.append(extra["in_flight"])
+            calls.lags.extend(extra["lags"])
     calls.ewma_ms = statistics.median(ewmas)
     calls.times_ejected = statistics.median(ejections)
+    if in_flight:
+        # Shared, every worker sampled the fleet's counts; unshared, each its own: add them.
+        per_backend = [statistics.fmean(column) for column in zip(*in_flight, strict=True)]
+        calls.in_flight = per_backend if run.shared else [v * len(in_flight) for v in per_backend]
     return calls
 
 
@@ -396,6 +634,19 @@ def measure(cfg: Config, run: Run, calls: Calls) -> dict[str, float]:
         "bad_ewma_ms": calls.ewma_ms,
         "times_ejected": calls.times_ejected,
     }
+    if run.scenario == CPU_BOUND:
+        seen_fast = [r[1] * 1e3 for r in window if r[3] >= 0 and r[3] != bad]
+        seen_slow = [r[1] * 1e3 for r in window if r[3] == bad]
+        fast = [n for i, n in enumerate(calls.in_flight) if i != bad]
+        result.update(
+            rate=len(window) / cfg.seconds,
+            seen_fast_ms=percentile(seen_fast, 0.5),
+            seen_slow_ms=percentile(seen_slow, 0.5),
+            in_flight_fast=statistics.fmean(fast) if fast else math.nan,
+            in_flight_slow=calls.in_flight[bad] if calls.in_flight else math.nan,
+            lag_ms=percentile([lag * 1e3 for lag in calls.lags], 0.5),
+            lag_p99_ms=percentile([lag * 1e3 for lag in calls.lags], 0.99),
+        )
     if run.scenario not in SLOW:
         return result
     end = cfg.duration(run.scenario)
@@ -448,6 +699,8 @@ def fmt(value: float, spec: str = ".1f", pct: bool = False) -> str:
 
 
 def table(cfg: Config, scenario: str, rows: dict[Run, dict[str, float]], rounds: int) -> str:
+    if scenario == CPU_BOUND:
+        return cpu_table(cfg, rows, rounds)
     fair = 100 / cfg.backends
     head = ["strategy", "state", "ejection", "calls", "ok %", "p50 ms", "p99 ms", "p99 ok ms"]
     if scenario in SLOW:
@@ -484,8 +737,41 @@ def table(cfg: Config, scenario: str, rows: dict[Run, dict[str, float]], rounds:
     return "\n".join(lines)
 
 
+def cpu_table(cfg: Config, rows: dict[Run, dict[str, float]], rounds: int) -> str:
+    fair = 100 / cfg.backends
+    head = ["strategy", "client", "callers", "state", "ejection", "calls/s", "ok %", "p50 ms"]
+    head += ["p99 ms", f"to slow % (fair {fair:.1f})", "seen fast ms", "seen slow ms"]
+    head += ["in flight fast", "in flight slow", "lag p50 ms", "lag p99 ms"]
+    lines = [
+        f"### {CPU_BOUND}: {describe(cfg, CPU_BOUND)}",
+        "",
+        f'median of {rounds} round(s); callers per worker; "seen": the median time a call '
+        f"took as its caller saw it; in flight: the fleet's calls in flight on the slow backend "
+        f"and on each fast one, as the balancers counted them (mean of 10 samples/s); lag: how "
+        f"late a {PROBE_S * 1e3:g} ms sleep in each worker woke",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---" if i < 5 else "---:" for i in range(len(head))) + " |",
+    ]
+    for run, m in rows.items():
+        cells = [run.strategy, run.client, str(run.tasks), run.state]
+        cells += ["on" if run.ejection else "off", fmt(m["rate"], ".0f")]
+        cells += [fmt(m["success"], ".2f", pct=True), fmt(m["p50"]), fmt(m["p99"])]
+        cells += [fmt(m["bad_share"], pct=True), fmt(m["seen_fast_ms"]), fmt(m["seen_slow_ms"])]
+        cells += [fmt(m["in_flight_fast"], ".2f"), fmt(m["in_flight_slow"], ".2f")]
+        cells += [fmt(m["lag_ms"]), fmt(m["lag_p99_ms"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def describe(cfg: Config, scenario: str) -> str:
     bad = f"backend {cfg.bad}"
+    if scenario == CPU_BOUND:
+        return (
+            f"{bad} answers in {cfg.cpu_slow_ms:g} ms, the others in {cfg.cpu_fast_ms:g} ms, "
+            f"with no queue at any backend; each worker calls in a closed loop; "
+            f"{cfg.seconds:g} s measured after {cfg.warmup:g} s"
+        )
     if scenario == "fast-fail":
         return f"{bad} answers 503 at once; {cfg.seconds:g} s measured after {cfg.warmup:g} s"
     if scenario == "held":
@@ -526,6 +812,17 @@ def main() -> None:
     parser.add_argument("--slow-seconds", type=float, default=None, help="slow for (2)")
     parser.add_argument("--after", type=float, default=None, help="s watched after (12)")
     parser.add_argument("--hold-ms", type=float, default=2000.0)
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=None, help="cpu-bound")
+    parser.add_argument(
+        "--tasks", type=int, nargs="+", default=None, help="cpu-bound: callers per worker (64)"
+    )
+    parser.add_argument("--cpu-fast-ms", type=float, default=5.0, help="cpu-bound: fast answer")
+    parser.add_argument("--cpu-slow-ms", type=float, default=200.0, help="cpu-bound: slow answer")
+    parser.add_argument(
+        "--async-backend",
+        default="dispatcher.aio:AsyncHttpBackend",
+        help="cpu-bound: the async backend class, module:name",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a setup check in about 30 s")
     parser.add_argument("--json", type=Path, help="also write every round and the medians here")
@@ -558,15 +855,23 @@ def main() -> None:
         slow_ms=args.slow_ms,
         after=pick(args.after, 12.0, 2.0),
         hold_ms=args.hold_ms,
+        cpu_fast_ms=args.cpu_fast_ms,
+        cpu_slow_ms=args.cpu_slow_ms,
+        async_backend=args.async_backend,
     )
     scenarios = pick(args.scenarios, list(SCENARIOS), list(SCENARIOS))
     states = pick(args.states, ["shared", "unshared"], ["shared"])
     ejection = pick(args.ejection, ["off", "on"], ["off"])
     rounds = pick(args.rounds, 3, 1)
+    clients = pick(args.clients, list(CLIENTS), list(CLIENTS))
+    tasks = pick(args.tasks, [64], [16])
     runs = {
         scenario: [
-            Run(scenario, strategy, state == "shared", e == "on")
+            Run(scenario, strategy, state == "shared", e == "on", client, n)
             for strategy in strategies
+            for client, n in (
+                itertools.product(clients, tasks) if scenario == CPU_BOUND else [("paced", 0)]
+            )
             for state in states
             for e in ejection
         ]
@@ -590,12 +895,14 @@ def main() -> None:
                 turn = k % len(scenario_runs)
                 for run in scenario_runs[turn:] + scenario_runs[:turn]:
                     m = measure(cfg, run, run_once(cfg, run, addrs, k))
+                    m["load"] = os.getloadavg()[0]
                     results[scenario][run].append(m)
                     print(
-                        f"  round {k + 1} {scenario:<14} {run.name:<38} ok "
+                        f"  round {k + 1} {scenario:<14} {run.name:<46} ok "
                         f"{fmt(m['success'], '.2f', pct=True):>6}% to bad "
                         f"{fmt(m.get('after', m['bad_share']), pct=True):>5}% p99 "
-                        f"{fmt(m['p99']):>7} ms late p99 {fmt(m['late_p99']):>6} ms",
+                        f"{fmt(m['p99']):>7} ms late p99 {fmt(m['late_p99']):>6} ms "
+                        f"load {m['load']:.1f}",
                         flush=True,
                     )
     medians = {
@@ -604,7 +911,11 @@ def main() -> None:
         }
         for scenario, by_run in results.items()
     }
-    print()
+    loads = sorted(m["load"] for by_run in results.values() for ms in by_run.values() for m in ms)
+    print(
+        f"\nload average (1 min) after each run: median {statistics.median(loads):.1f}, "
+        f"from {loads[0]:.1f} to {loads[-1]:.1f} ({os.cpu_count()} CPUs)\n"
+    )
     for scenario, rows in medians.items():
         print(table(cfg, scenario, rows, rounds))
         print()

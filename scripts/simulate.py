@@ -11,7 +11,8 @@ A discrete-event simulation (pure Python, heapq) of the situation the project ex
   connections), and that worker picks a backend with a strategy.
 
 Each strategy is the REAL class from `dispatcher._strategies`, given `View` objects over plain
-lists, in three settings:
+lists and the simulated clock (so `peak_ewma` reads its averages decayed, and stale after 2 s
+without an answer, as it does in a `Balancer`), in three settings:
 
 * shared: every worker reads one set of in-flight counts and latency averages, and cursor
   strategies share one cursor: what a `Balancer` gives a multi-process server;
@@ -23,7 +24,12 @@ Workers are asynchronous (each may have many calls outstanding). With synchronou
 one call each, a worker's own in-flight count is always 0 when it picks, so every per-worker
 load-aware strategy would degrade entirely to its tie-break; here it degrades as W grows.
 
-Run: ``python scripts/simulate.py`` (under a minute), ``--quick`` (seconds). Prints
+A second table runs the load-aware strategies (W = 8, shared) with background errors
+(``--errors``, 0.1% and 1% of answers by default): a failed answer is recorded as the balancer
+records one, in the latency average (`peak_ewma` scores it as a 5 s answer) and in the failure
+score that load-aware strategies count as calls in flight.
+
+Run: ``python scripts/simulate.py`` (about a minute), ``--quick`` (seconds). Prints
 p50/p99/p99.9 latency and the ratio of p99 to ideal, and writes a latency-CDF plot to
 docs/simulation.png (needs matplotlib, from the ``bench`` extra).
 """
@@ -42,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dispatcher._latency import peak_ewma
+from dispatcher._latency import failed_once_more, failure_score, peak_ewma, sample_ns
 from dispatcher._strategies import STRATEGIES, Strategy
 from dispatcher._view import View
 
@@ -105,8 +111,13 @@ class Result:
         return data[min(int(q * len(data)), len(data) - 1)]
 
 
-def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
-    """Replay `requests` with strategy `name` ("ideal" for JSQ) in `mode` (shared/per-worker)."""
+def simulate(
+    name: str, mode: str, workers: int, requests: Arrivals, error_rate: float = 0.0
+) -> Result:
+    """Replay `requests` with strategy `name` ("ideal" for JSQ) in `mode` (shared/per-worker).
+
+    `error_rate`: the chance that an answer is a failure (recorded as the balancer records
+    one: in the latency average, and in the failure score counted as calls in flight)."""
     b = len(MEANS)
     slots = tuple(range(b))
     weights = (1.0,) * b
@@ -120,7 +131,25 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
     in_flight = [memoryview(bytearray(8 * b)).cast("q") for _ in range(views)]
     latency = [[0.0] * b for _ in range(views)]
     stamps = [[0] * b for _ in range(views)]
-    view = [View(1, slots, weights, in_flight[v], latency[v]) for v in range(views)]
+    scores = [[0.0] * b for _ in range(views)]
+    score_stamps = [[0] * b for _ in range(views)]
+    penalties = [[0] * b for _ in range(views)]
+    clock = [0]  # the simulated time in ns, as `View.clock` reads it
+    view = [
+        View(
+            1,
+            slots,
+            weights,
+            in_flight[v],
+            latency[v],
+            stamps=stamps[v],
+            clock=lambda: clock[0],
+            penalties=penalties[v],
+            penalized=error_rate > 0,
+        )
+        for v in range(views)
+    ]
+    errors = random.Random(11)
     cursors = [0] * views
     strategy: list[Strategy] = []
     if name != "ideal":
@@ -152,6 +181,11 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
     while i < n or done:
         if i < n and (not done or times[i] <= done[0][0]):
             now = times[i]
+            clock[0] = now_ns = round(now * UNIT_NS)
+            if error_rate:  # what a balancer's view would show: the whole part of each score
+                v = 0 if views == 1 else worker_of[i]
+                for s, score in enumerate(scores[v]):
+                    penalties[v][s] = int(failure_score(score, score_stamps[v][s], now_ns))
             if backlog < 0 and now >= midpoint:
                 means[TURNS_SLOW] = 3.0
             worker = worker_of[i]
@@ -180,9 +214,14 @@ def simulate(name: str, mode: str, workers: int, requests: Arrivals) -> Result:
         v = 0 if views == 1 else worker_of[request]
         in_flight[v][backend] -= 1
         now_ns = round(now * UNIT_NS)
-        sample = finished[request] * UNIT_NS
+        failed = bool(error_rate) and errors.random() < error_rate
+        sample = sample_ns(round(finished[request] * UNIT_NS), failed)
         latency[v][backend] = peak_ewma(latency[v][backend], stamps[v][backend], sample, now_ns)
         stamps[v][backend] = now_ns
+        if failed:
+            score_at = score_stamps[v][backend]
+            scores[v][backend] = failed_once_more(scores[v][backend], score_at, now_ns)
+            score_stamps[v][backend] = now_ns
         if queues[backend]:
             start(queues[backend].popleft(), backend, now)
         else:
@@ -271,6 +310,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--load", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--plot", type=Path, default=Path("docs/simulation.png"))
+    parser.add_argument(
+        "--errors",
+        type=float,
+        nargs="*",
+        default=[0.001, 0.01],
+        help="background error rates to run the load-aware strategies with (W = 8, shared)",
+    )
     args = parser.parse_args(argv)
     count = 20_000 if args.quick else args.requests
     began = time.monotonic()
@@ -288,12 +334,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in OBLIVIOUS:
         for mode in ("shared", "per-worker"):
             results.append(simulate(name, mode, 8, requests))
+    with_errors = []
+    for rate in args.errors:
+        for name in LOAD_AWARE:
+            result = simulate(name, "shared", 8, requests, error_rate=rate)
+            result.mode = f"shared, {rate:.1%} errors"
+            with_errors.append(result)
     print(
         f"{count} requests, load {args.load:.0%} rising to "
         f"{args.load * sum(1 / m for m in MEANS) / (sum(1 / m for m in MEANS) - 2 / 3):.0%}; "
         f"latency in fast-backend mean service times; {time.monotonic() - began:.0f} s\n"
     )
     print(table(results, ideal))
+    if with_errors:
+        print(
+            "\nWith background errors: each answer fails at random with the given chance, "
+            "recorded as a balancer records a failure\n"
+        )
+        print(table(with_errors, ideal))
     if not args.quick:
         plot(results, args.plot, PLOT_WORKERS)
 

@@ -279,7 +279,9 @@ def test_a_contended_lock_never_stalls_the_loop(shared: bool) -> None:
 
 
 def test_a_call_cancelled_while_its_pick_waits_for_the_lock_leaves_nothing_in_flight() -> None:
-    with Balancer(["10.0.0.1:80"], backend_factory=Gate, monitor=False) as balancer:
+    with Balancer(
+        ["10.0.0.1:80"], backend_factory=Gate, strategy="round_robin", monitor=False
+    ) as balancer:
         taken, release = threading.Event(), threading.Event()
         holder = threading.Thread(target=_hold, args=(balancer, taken, release))
         holder.start()
@@ -386,7 +388,8 @@ ADDRS = [f"10.0.6.{i}:80" for i in range(1, 6)]
 
 
 def scripted(script: Script, addrs: list[str] = ADDRS, **options: Any) -> Balancer:
-    options = {"failure_threshold": 100, "monitor": False, **options}
+    """A balancer over `script`'s backends; round robin, so attempts go in `addrs` order."""
+    options = {"failure_threshold": 100, "monitor": False, "strategy": "round_robin", **options}
     return Balancer(addrs, backend_factory=script.backend, **options)
 
 

@@ -43,7 +43,7 @@ def test_balancer_is_a_backend() -> None:
 
 
 def test_round_robin_is_exact_and_in_order() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", monitor=False) as balancer:
         answers = [balancer.invoke(None) for _ in range(9)]
         assert answers == ADDRS * 3
         assert requests_by_addr(balancer) == dict.fromkeys(ADDRS, 3)
@@ -115,7 +115,12 @@ def test_cancelled_call_ends_in_flight_without_counting() -> None:
 def test_consecutive_failures_eject_then_the_backend_returns() -> None:
     clock = FakeClock()
     balancer = Balancer(
-        ADDRS, backend_factory=Echo, failure_threshold=2, ejection_seconds=30, monitor=False
+        ADDRS,
+        backend_factory=Echo,
+        strategy="round_robin",  # the test steers its failures to ADDRS[0] with the cursor
+        failure_threshold=2,
+        ejection_seconds=30,
+        monitor=False,
     )
     with clock.use(balancer) as b:
         bad = ADDRS[0]
@@ -142,6 +147,7 @@ def test_repeated_ejections_grow_up_to_the_cap() -> None:
     balancer = Balancer(
         ADDRS,
         backend_factory=Echo,
+        strategy="round_robin",  # the test steers its failures to ADDRS[0] with the cursor
         failure_threshold=1,
         ejection_seconds=0.05,
         max_ejection_seconds=0.12,
@@ -337,7 +343,8 @@ def test_close_unlinks_in_the_owner_and_later_calls_fail_clearly() -> None:
 
 
 def test_attached_close_only_detaches_and_owner_close_stops_attached() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as owner:
+    # Round robin: one cursor for the owner and every handle attached to it.
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", monitor=False) as owner:
         attached = Balancer.attach(owner.name, backend_factory=Echo)
         assert not attached.is_owner
         assert attached.invoke(None) == ADDRS[0]
@@ -372,7 +379,7 @@ def test_segment_is_owner_only() -> None:
 
 
 def test_unshared_balancer_works_in_one_process_and_refuses_to_pickle() -> None:
-    with Balancer(ADDRS, backend_factory=Echo, shared=False) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", shared=False) as b:
         assert [b.invoke(None) for _ in range(3)] == ADDRS
         assert b.name == ""
         with pytest.raises(TypeError, match="one process"):

@@ -233,7 +233,9 @@ def test_find_by_owner_and_worker_rows() -> None:
 
 def test_the_json_document_of_a_snapshot() -> None:
     gate = threading.Event()
-    with Balancer(["127.0.0.1:7211", "127.0.0.1:7212"], backend_factory=Echo, monitor=False) as b:
+    # Round robin: the four calls split exactly, two per backend.
+    addrs = ["127.0.0.1:7211", "127.0.0.1:7212"]
+    with Balancer(addrs, backend_factory=Echo, strategy="round_robin", monitor=False) as b:
         for _ in range(4):
             b.invoke(None)
         held = threading.Thread(target=b.invoke, args=(gate,))

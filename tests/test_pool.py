@@ -18,7 +18,8 @@ ADDRS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 
 @pytest.fixture
 def balancer() -> Iterator[Balancer]:
-    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as balancer:
+    # Round robin: one cursor for every worker, so calls split exactly over the backends.
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", monitor=False) as balancer:
         yield balancer
 
 

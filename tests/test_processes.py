@@ -41,7 +41,7 @@ def test_threads_lose_nothing() -> None:
 @pytest.mark.parametrize("method", CONTEXTS)
 def test_round_robin_cursor_is_shared_exactly(method: str) -> None:
     ctx = multiprocessing.get_context(method)
-    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", monitor=False) as b:
         children = [ctx.Process(target=helpers.call_many, args=(b, 600)) for _ in range(3)]
         for child in children:
             child.start()

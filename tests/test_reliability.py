@@ -34,7 +34,7 @@ def test_a_process_that_dies_holding_the_lock_does_not_freeze_the_others(
     monkeypatch.setattr(_lock, "ANONYMOUS_HOLDER_NS", 200_000_000)
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
-    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as b:
+    with Balancer(ADDRS, backend_factory=Echo, strategy="round_robin", monitor=False) as b:
         b.invoke(None)
         child = ctx.Process(target=helpers.hold_the_lock, args=(b, ready, write_holder, 60))
         child.start()
@@ -106,7 +106,7 @@ def start_owner() -> tuple[subprocess.Popen[str], str]:
 def test_owner_killed_first_attached_keep_working() -> None:
     owner, name = start_owner()
     assert owner.stdout is not None and owner.stdin is not None
-    attached = Balancer.attach(name, backend_factory=Echo)
+    attached = Balancer.attach(name, backend_factory=Echo, strategy="round_robin")
     try:
         assert attached.invoke(None) in ADDRS
         owner.kill()

@@ -30,10 +30,10 @@ from dispatcher import (
     Strategy,
 )
 from dispatcher import _layout as L
-from dispatcher._core import PURE_PYTHON_VARIABLE, speedups
+from dispatcher._core import CORE, PURE_PYTHON_VARIABLE, speedups
 from tests.helpers import FakeClock
 
-pytestmark = pytest.mark.skipif(speedups is None, reason="the compiled core is not built")
+pytestmark = pytest.mark.skipif(speedups is None, reason=f"core: {CORE}")
 
 ADDRS = [f"10.0.9.{i}:80" for i in range(1, 7)]
 START_NS = 10**15
