@@ -2,7 +2,7 @@
 
 `HttpClient` keeps, for the threads of one process, a few idle ``http.client.HTTPConnection``
 to one server (TLS with an ``ssl.SSLContext`` when given one) and reuses the most recently
-used one first. It costs a fifth to a quarter of the client CPU per request of urllib3's
+used one first. It costs a sixth to a third of the client CPU per request of urllib3's
 ``HTTPConnectionPool`` as `HttpBackend` used it, over HTTP and HTTPS alike
 (``scripts/bench_clients.py``), because it does only what a backend call needs:
 
