@@ -2,14 +2,16 @@
 
 Every public name is here. The modules whose names start with an underscore are the
 implementation and may change in any release; `dispatcher.aio`, `dispatcher.discovery`,
-`dispatcher.gunicorn` and `dispatcher.servers` are public modules for what needs an import of
-its own (async backends, resolvers, server hooks).
+`dispatcher.gunicorn`, `dispatcher.servers`, `dispatcher.requests` and `dispatcher.httpx` are
+public modules for what needs an import of its own (async backends, resolvers, server hooks,
+adapters for the ``requests`` and ``httpx`` libraries).
 """
 
 from ._backends import Backend, HttpBackend, HttpRequest, HttpResponse
 from ._balancer import Balancer
 from ._events import Event
 from ._health import HealthCheck
+from ._http_client import HttpHeaders
 from ._latency import BUCKET_BOUNDS, percentile
 from ._pool import WorkerPool
 from ._strategies import (
@@ -37,14 +39,20 @@ from .discovery import (
 from .errors import (
     BackendError,
     CapacityExceeded,
+    ConnectError,
+    ConnectTimeout,
     DispatcherError,
     DuplicateBackend,
     EtcdError,
     InvalidAddress,
+    InvalidRequest,
     LockBusy,
     NoBackendAvailable,
     OptionMismatch,
+    ProtocolError,
+    ReadTimeout,
     SegmentError,
+    TLSError,
     UnknownBackend,
     WorkerDied,
 )
@@ -59,6 +67,8 @@ __all__ = [
     "Balancer",
     "CapacityExceeded",
     "ClientSideWeightedRoundRobin",
+    "ConnectError",
+    "ConnectTimeout",
     "ConsistentHash",
     "Discovery",
     "DispatcherError",
@@ -69,21 +79,26 @@ __all__ = [
     "Event",
     "HealthCheck",
     "HttpBackend",
+    "HttpHeaders",
     "HttpRequest",
     "HttpResponse",
     "InvalidAddress",
+    "InvalidRequest",
     "LeastLoaded",
     "LockBusy",
     "NoBackendAvailable",
     "OptionMismatch",
     "PeakEwma",
     "PowerOfTwo",
+    "ProtocolError",
     "Random",
+    "ReadTimeout",
     "Resolver",
     "RoundRobin",
     "SegmentError",
     "StaticResolver",
     "Strategy",
+    "TLSError",
     "UnknownBackend",
     "View",
     "WeightedRandom",

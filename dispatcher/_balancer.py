@@ -23,7 +23,7 @@ import subprocess
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from . import _events, _monitor
 from . import _layout as L
@@ -52,6 +52,7 @@ from ._strategies import STRATEGIES, Strategy, make_strategy
 from ._view import BackendStats, Membership, View
 from ._workers import prefork_siblings
 from .errors import (
+    BackendError,
     CapacityExceeded,
     DispatcherError,
     DuplicateBackend,
@@ -61,6 +62,12 @@ from .errors import (
 )
 
 BackendFactory = Callable[[str], Backend]
+FailureRule = type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool]
+
+DEFAULT_FAILURES: tuple[type[BaseException], ...] = (BackendError, OSError)
+"""What counts as a backend's failure unless a balancer is told otherwise: `BackendError`
+(`HttpBackend`'s connection errors, timeouts and failure statuses) and ``OSError``
+(``ConnectionError``, ``TimeoutError`` and the other I/O errors of any backend)."""
 
 MAX_RETRIES = 100
 RETRY_BUDGET_PERCENT = 20
@@ -83,7 +90,7 @@ class _Shared:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.balancers: dict[tuple[str, str | None, BackendFactory], Balancer] = {}
+        self.balancers: dict[tuple[str, str | None, BackendFactory, FailureRule], Balancer] = {}
 
 
 _shared = _Shared()
@@ -98,6 +105,12 @@ class Balancer:
 
     Itself a `Backend`: ``invoke(request, timeout=..., key=...)`` picks a backend, calls it
     outside the shared lock, and records the outcome. See the README for the arguments.
+
+    `counts_as_failure` says which exceptions a backend raises are its failure (counted,
+    toward ejection, retried): exception types, or a predicate ``(exception) -> bool``;
+    `DEFAULT_FAILURES` unless given. Any other exception is the backend's answer about the
+    request: counted as a request with its latency, ending the backend's failure streak, and
+    raised to the caller without a retry.
     """
 
     def __init__(
@@ -119,6 +132,7 @@ class Balancer:
         monitor: bool = True,
         shared: bool = True,
         on_event: Listener | None = None,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> None:
         if health_check is not None and not (shared and monitor):
             raise ValueError(
@@ -138,6 +152,7 @@ class Balancer:
             panic_percent,
             health_check,
         )
+        is_failure = failure_rule(counts_as_failure)
         _events.check_listener(on_event, shared)
         name = strategy if isinstance(strategy, str) else ""
         segment = Segment.create(layout, policy, parsed, strategy_name=name, shared=shared)
@@ -157,7 +172,15 @@ class Balancer:
         except BaseException:
             segment.close(unlink=True)
             raise
-        self._setup(segment, strategy, chosen, backend_factory, owner=True, monitor=watcher)
+        self._setup(
+            segment,
+            strategy,
+            chosen,
+            backend_factory,
+            (counts_as_failure, is_failure),
+            owner=True,
+            monitor=watcher,
+        )
         for addr in parsed:
             _events.membership(segment, _events.REGISTERED, addr, "at creation, weight 1")
 
@@ -167,6 +190,7 @@ class Balancer:
         spec: str | Strategy,
         strategy: Strategy,
         backend_factory: BackendFactory,
+        rule: tuple[FailureRule, Callable[[Exception], bool]],
         *,
         owner: bool = False,
         monitor: subprocess.Popen[bytes] | None = None,
@@ -180,6 +204,7 @@ class Balancer:
         self._uses_cursor = bool(strategy.uses_cursor)
         self._uses_reports = bool(getattr(strategy, "uses_load_reports", False))
         self._factory = backend_factory
+        self._failure_rule, self._is_failure = rule
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, segment, owner, monitor)
         self._reset_process()
@@ -213,6 +238,7 @@ class Balancer:
         health_check: HealthCheck | None = None,
         latency: bool | None = None,
         on_event: Listener | None = None,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> Balancer:
         """The one balancer called `name` in this server, whichever of its processes asks first.
 
@@ -222,7 +248,7 @@ class Balancer:
         caller creates the balancer, the others attach to it (processes that call at the same
         instant included), and a forked child gets its parent's. Options are `Balancer`'s;
         a later caller whose options or `addrs` differ from the creator's gets
-        `OptionMismatch`. `backend_factory` is each process's own.
+        `OptionMismatch`. `backend_factory` and `counts_as_failure` are each process's own.
 
         No process owns it: it outlives any one worker, and its monitor process, which also
         reaps dead workers and runs the health checks, removes it once no process of the
@@ -244,11 +270,12 @@ class Balancer:
             panic_percent,
             health_check,
         )
+        is_failure = failure_rule(counts_as_failure)
         _events.check_listener(on_event, True)
         if latency is None:
             latency = bool(getattr(chosen, "uses_latency", False))
         wanted = _Wanted(name, layout, policy, strategy, parsed, health_check)
-        key = (name, scope, backend_factory)
+        key = (name, scope, backend_factory, counts_as_failure)
         with _shared.lock:
             found = _shared.balancers.get(key)
             if found is not None and not found.closed and not found._segment.closed_by_owner:
@@ -284,7 +311,8 @@ class Balancer:
                 if not created:
                     _monitor.check(segment, segment.state.clock())
                 balancer = cls.__new__(cls)
-                balancer._setup(segment, strategy, chosen, backend_factory)
+                rule = (counts_as_failure, is_failure)
+                balancer._setup(segment, strategy, chosen, backend_factory, rule)
             except BaseException:
                 segment.close()
                 raise
@@ -300,11 +328,14 @@ class Balancer:
         *,
         backend_factory: BackendFactory = HttpBackend,
         strategy: str | Strategy | None = None,
+        counts_as_failure: FailureRule = DEFAULT_FAILURES,
     ) -> Balancer:
         """Attach to the balancer whose segment is `name`, created by another process.
 
-        `strategy` defaults to the owner's, when the owner chose one by name.
+        `strategy` defaults to the owner's, when the owner chose one by name. The failure
+        rule, like the backend factory, is this handle's own (it is code, not shared state).
         """
+        is_failure = failure_rule(counts_as_failure)
         segment = Segment.open(name)
         try:
             if strategy is None:
@@ -318,13 +349,13 @@ class Balancer:
             segment.close()
             raise
         balancer = cls.__new__(cls)
-        balancer._setup(segment, strategy, chosen, backend_factory)
+        balancer._setup(segment, strategy, chosen, backend_factory, (counts_as_failure, is_failure))
         return balancer
 
     def __reduce__(self) -> tuple[Callable[..., Balancer], tuple[Any, ...]]:
         if not self.name:
             raise TypeError("a Balancer made with shared=False lives in one process only")
-        return (_attach_pickled, (self.name, self._factory, self._spec))
+        return (_attach_pickled, (self.name, self._factory, self._spec, self._failure_rule))
 
     # Calls -------------------------------------------------------------------------------
 
@@ -390,9 +421,13 @@ class Balancer:
             else:
                 state.finish(call, SUCCESS)
             return response
-        except Exception:
+        except Exception as exc:
             if call[GENERATION] >= 0:
-                state.end_later(call, FAILURE)
+                outcome = FAILURE
+                try:
+                    outcome = FAILURE if self._is_failure(exc) else SUCCESS
+                finally:
+                    state.end_later(call, outcome)
             raise
         except BaseException:
             if call[GENERATION] >= 0:
@@ -427,9 +462,13 @@ class Balancer:
             report = getattr(response, "load_report", None) if self._uses_reports else None
             await off_loop(_finish_with, state, call, report)
             return response
-        except Exception:
+        except Exception as exc:
             if call[GENERATION] >= 0:
-                state.unfinished.append((call, outcome))
+                try:
+                    if outcome == FAILURE and not self._is_failure(exc):
+                        outcome = SUCCESS
+                finally:
+                    state.unfinished.append((call, outcome))
                 await off_loop(state.settle)
             raise
         except BaseException:
@@ -463,7 +502,7 @@ class Balancer:
                         raise attempts.failure from None
                     raise
             except Exception as exc:
-                if not attempts.may_retry(exc):
+                if not self._is_failure(exc) or not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
@@ -491,7 +530,7 @@ class Balancer:
                         raise attempts.failure from None
                     raise
             except Exception as exc:
-                if not attempts.may_retry(exc):
+                if not self._is_failure(exc) or not attempts.may_retry(exc):
                     raise
             finally:
                 if retry:
@@ -903,8 +942,41 @@ def _close_proxy(proxy: object) -> None:
         close()
 
 
-def _attach_pickled(name: str, backend_factory: BackendFactory, spec: str | Strategy) -> Balancer:
-    return Balancer.attach(name, backend_factory=backend_factory, strategy=spec)
+def _attach_pickled(
+    name: str, backend_factory: BackendFactory, spec: str | Strategy, rule: FailureRule
+) -> Balancer:
+    return Balancer.attach(
+        name, backend_factory=backend_factory, strategy=spec, counts_as_failure=rule
+    )
+
+
+def failure_rule(rule: FailureRule) -> Callable[[Exception], bool]:
+    """The predicate for ``counts_as_failure``: exception types (a tuple, or one), or a
+    callable.
+
+    A predicate that raises counts the exception as a failure (noted on it), so a broken
+    rule can eject a backend but never leave a call counted in flight.
+    """
+    types = (rule,) if isinstance(rule, type) else rule
+    if isinstance(types, tuple):
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+            raise TypeError(f"counts_as_failure must hold exception types, not {rule!r}")
+        return lambda exc: isinstance(exc, types)
+    if not callable(rule):
+        raise TypeError(
+            "counts_as_failure must be a tuple of exception types or a predicate "
+            f"(exception) -> bool, not {rule!r}"
+        )
+    predicate = cast(Callable[[Exception], bool], rule)
+
+    def counts(exc: Exception) -> bool:
+        try:
+            return bool(predicate(exc))
+        except Exception as error:
+            exc.add_note(f"counted as a failure: counts_as_failure raised {error!r}")
+            return True
+
+    return counts
 
 
 def key_hash_of(key: object) -> int:

@@ -7,6 +7,7 @@ that carries extra fields defines ``__reduce__`` and survives pickling.
 from __future__ import annotations
 
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 
 class DispatcherError(Exception):
@@ -51,6 +52,12 @@ class SegmentError(DispatcherError):
     """Raised when a shared segment is missing, closed by its owner, or not a `dispatcher` one."""
 
 
+class InvalidRequest(DispatcherError, ValueError):
+    """Raised when a request cannot be sent as it is (a path without its leading ``/``, a
+    header value with a line break...): the caller's mistake, found before any backend is
+    chosen, so no count changes."""
+
+
 class OptionMismatch(DispatcherError, ValueError):
     """Raised when `Balancer.shared` finds the balancer of that name, in this server, made
     with another value of one of its options: every process must ask for the same one."""
@@ -71,16 +78,49 @@ class OptionMismatch(DispatcherError, ValueError):
 
 
 class BackendError(DispatcherError):
-    """Raised by `HttpBackend` when a call fails: no connection, a timeout, or a 5xx answer."""
+    """Raised when a call to a backend fails: no connection, a timeout, or an answer whose
+    status is one of the backend's failure statuses (5xx by default).
 
-    def __init__(self, addr: str, message: str, status: int | None = None) -> None:
+    `response` is the answer when there was one (an `HttpResponse`: status, headers, body), so
+    a caller can log or relay it; `status` is its status. The subclasses say how far the call
+    got: `ConnectError` never reached the server; `ReadTimeout` and `ProtocolError` may have.
+    """
+
+    def __init__(
+        self, addr: str, message: str, status: int | None = None, response: Any = None
+    ) -> None:
         super().__init__(f"{addr}: {message}")
         self.addr = addr
         self.message = message
         self.status = status
+        self.response = response
 
-    def __reduce__(self) -> tuple[type[BackendError], tuple[str, str, int | None]]:
-        return (type(self), (self.addr, self.message, self.status))
+    def __reduce__(self) -> tuple[type[BackendError], tuple[str, str, int | None, Any]]:
+        return (type(self), (self.addr, self.message, self.status, self.response))
+
+
+class ConnectError(BackendError):
+    """Raised when no connection could be made, or a request could not be written on a new
+    one: the server did not get it, so sending it again, there or elsewhere, is safe."""
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """Raised when connecting (TCP, or the TLS handshake) took longer than the timeout."""
+
+
+class TLSError(ConnectError):
+    """Raised when the TLS handshake failed: a certificate that does not verify, a name that
+    does not match it, no protocol or cipher in common (the ``ssl`` error is its cause)."""
+
+
+class ReadTimeout(BackendError, TimeoutError):
+    """Raised when the timeout passed while the request was written or its answer awaited:
+    the server may have got it and acted on it."""
+
+
+class ProtocolError(BackendError):
+    """Raised when the connection broke, or the answer was not HTTP/1.x, after the request was
+    written: the server may have got it and acted on it."""
 
 
 class WorkerDied(DispatcherError, BrokenProcessPool):

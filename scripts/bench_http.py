@@ -67,6 +67,9 @@ STRATEGIES = ("least_loaded", "power_of_two", "peak_ewma")
 PROXY_BALANCE = {"nginx": "least_conn", "haproxy": "leastconn"}
 REQUEST = HttpRequest("GET", "/")
 WARMUP_S = 0.5
+CPU_WORKERS = 8
+CPU_CONCURRENCY = 24
+"""The CPU-bound case's clients, the same for every route (see `main`'s ``--cpu-*``)."""
 
 
 def free_port() -> int:
@@ -510,8 +513,64 @@ def plot(tables: list[Table], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def print_cpu_table(table: Table, seconds: float, concurrency: int) -> None:
+    """The CPU-bound case: throughput, and the CPU each component spends per request."""
+    print(
+        f"\nCPU-bound (backends answer at once): W={table.workers} client processes, "
+        f"{concurrency} requests in flight, {seconds:g} s per run; medians over rounds; "
+        f"x nginx = median of per-round ratios; CPU in us per request"
+    )
+    header = (
+        f"{'route':<24} {'req/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'err':>4} "
+        f"{'req/s x nginx':>13} {'p99 x nginx':>11} {'client us':>9} {'backends us':>11} "
+        f"{'proxy us':>8} {'total us':>8} {'machine %':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, m in table.rows.items():
+        ratio = table.vs_nginx.get(name, {})
+        per = {k: m[f"cpu_{k}"] / 100 / m["rps"] * 1e6 for k in ("clients", "backends", "proxy")}
+        print(
+            f"{name:<24} {m['rps']:>6.0f} {m['p50']:>7.2f} {m['p99']:>7.2f} {m['errors']:>4.0f} "
+            f"{ratio.get('rps', float('nan')):>12.2f}x {ratio.get('p99', float('nan')):>10.2f}x "
+            f"{per['clients']:>9.0f} {per['backends']:>11.0f} {per['proxy']:>8.0f} "
+            f"{sum(per.values()):>8.0f} {m['cpu_machine']:>9.0f}"
+        )
+
+
+def measure(
+    label: str,
+    routes: list[Route],
+    workers: int,
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+    backends: list[Server],
+    proxies: dict[str, Server],
+) -> Table:
+    """Every route once per round, in an order that rotates; the medians as a `Table`."""
+    results: dict[str, list[dict[str, Any]]] = {r.name: [] for r in routes}
+    for k in range(rounds):
+        order = routes[k % len(routes) :] + routes[: k % len(routes)]
+        for route in order:
+            result = run(route, workers, concurrency, seconds, backends, proxies)
+            results[route.name].append(result)
+            print(
+                f"  {label} W={workers} round {k + 1} {route.name:<22} {result['rps']:>6.0f} "
+                f"req/s p99 {result['p99']:>7.2f} ms  cpu% machine {result['cpu_machine']:.0f}",
+                flush=True,
+            )
+    return summarize(workers, results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--case",
+        choices=["service", "cpu", "both"],
+        default="both",
+        help="service-bound backends (--mean-ms), CPU-bound ones (answer at once), or both",
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[8])
     parser.add_argument("--concurrency", type=int, default=24, help="requests in flight, total")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per run")
@@ -519,6 +578,10 @@ def main() -> None:
     parser.add_argument("--mean-ms", type=float, default=4.0, help="a fast backend's service")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--proxies", nargs="*", default=["nginx", "haproxy"])
+    parser.add_argument("--cpu-workers", type=int, default=CPU_WORKERS)
+    parser.add_argument("--cpu-concurrency", type=int, default=CPU_CONCURRENCY)
+    parser.add_argument("--cpu-seconds", type=float, default=4.0)
+    parser.add_argument("--cpu-rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
     parser.add_argument("--plot", type=Path, default=DOCS / "bench_http_cdf.png")
     parser.add_argument("--no-plot", dest="plot", action="store_const", const=None)
@@ -526,43 +589,77 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 3.0
-    print(
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; backends: "
-        f"{len(SLOWNESS)} x 1 slot, mean service {args.mean_ms:g} ms, "
-        f"{sorted(SLOW)} 3x slower, {TURNS} 10x slower from halfway"
-    )
+        args.cpu_rounds, args.cpu_seconds = 1, 3.0
     tables: list[Table] = []
-    with servers(args.mean_ms, args.proxies) as (backends, proxies):
-        routes = [Route(f"shared {s}", "shared", s) for s in args.strategies]
-        routes += [Route(f"unshared {s}", "unshared", s) for s in args.strategies]
-        routes += [Route(f"{k} {PROXY_BALANCE[k]}", k) for k in proxies]
-        for workers in args.workers:
-            rounds: dict[str, list[dict[str, Any]]] = {r.name: [] for r in routes}
-            for k in range(args.rounds):
-                order = routes[k % len(routes) :] + routes[: k % len(routes)]
-                for route in order:
-                    result = run(route, workers, args.concurrency, args.seconds, backends, proxies)
-                    rounds[route.name].append(result)
-                    print(
-                        f"  W={workers} round {k + 1} {route.name:<22} {result['rps']:>6.0f} req/s"
-                        f" p99 {result['p99']:>7.2f} ms  cpu% machine {result['cpu_machine']:.0f}",
-                        flush=True,
-                    )
-            table = summarize(workers, rounds)
-            tables.append(table)
-            print_table(table, args.seconds, args.concurrency)
+    cpu_table: Table | None = None
+    if args.case in ("service", "both"):
+        print(
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; backends: "
+            f"{len(SLOWNESS)} x 1 slot, mean service {args.mean_ms:g} ms, "
+            f"{sorted(SLOW)} 3x slower, {TURNS} 10x slower from halfway"
+        )
+        with servers(args.mean_ms, args.proxies) as (backends, proxies):
+            routes = [Route(f"shared {s}", "shared", s) for s in args.strategies]
+            routes += [Route(f"unshared {s}", "unshared", s) for s in args.strategies]
+            routes += [Route(f"{k} {PROXY_BALANCE[k]}", k) for k in proxies]
+            for workers in args.workers:
+                table = measure(
+                    "service",
+                    routes,
+                    workers,
+                    args.concurrency,
+                    args.seconds,
+                    args.rounds,
+                    backends,
+                    proxies,
+                )
+                tables.append(table)
+                print_table(table, args.seconds, args.concurrency)
+    if args.case in ("cpu", "both"):
+        print(
+            f"\nCPU-bound: load average {os.getloadavg()[0]:.2f}; {len(SLOWNESS)} backends "
+            f"that answer at once, least_loaded against the proxies"
+        )
+        with servers(0.0, args.proxies) as (backends, proxies):
+            routes = [Route(f"{k} least_loaded", k, "least_loaded") for k in ("shared", "unshared")]
+            routes += [Route(f"{k} {PROXY_BALANCE[k]}", k) for k in proxies]
+            cpu_table = measure(
+                "cpu",
+                routes,
+                args.cpu_workers,
+                args.cpu_concurrency,
+                args.cpu_seconds,
+                args.cpu_rounds,
+                backends,
+                proxies,
+            )
+        print_cpu_table(cpu_table, args.cpu_seconds, args.cpu_concurrency)
     print()
     for table in tables:
         for line in verdicts(table):
             print(line)
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                [{"workers": t.workers, "rows": t.rows, "vs_nginx": t.vs_nginx} for t in tables],
-                indent=1,
-            )
+    if cpu_table is not None and "shared least_loaded" in cpu_table.vs_nginx:
+        ratio = cpu_table.vs_nginx["shared least_loaded"]["rps"]
+        print(
+            f"CPU-bound shared least_loaded: req/s {ratio:.2f}x nginx's "
+            f"(target >= 1.3: {'met' if ratio >= 1.3 else 'not met'})"
         )
-    if args.plot:
+    if args.json:
+        dump = [
+            {"case": "service", "workers": t.workers, "rows": t.rows, "vs_nginx": t.vs_nginx}
+            for t in tables
+        ]
+        if cpu_table is not None:
+            dump.append(
+                {
+                    "case": "cpu",
+                    "workers": cpu_table.workers,
+                    "rows": cpu_table.rows,
+                    "vs_nginx": cpu_table.vs_nginx,
+                }
+            )
+        args.json.write_text(json.dumps(dump, indent=1))
+    if args.plot and tables:
         plot(tables, args.plot)
 
 

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -92,18 +93,52 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
+class TlsServer(LoopbackServer):
+    """A `LoopbackServer` that speaks HTTPS with its `context` attribute (``serve(Handler,
+    cls=TlsServer, context=server_context(ca, "127.0.0.1"))``). Each handshake happens in the
+    handler's thread; one that fails (a client that does not trust the certificate) is quiet."""
+
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+def server_context(ca: Any, *names: str) -> ssl.SSLContext:
+    """A server's TLS context with a certificate for `names` from `ca` (a ``trustme.CA``)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+def client_context(ca: Any) -> ssl.SSLContext:
+    """A client's TLS context that trusts `ca` (a ``trustme.CA``) and nothing else."""
+    return ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+
+
+def trusting_file(cafile: str) -> ssl.SSLContext:
+    """A client's TLS context that trusts the CA in `cafile`: with ``functools.partial``, an
+    ``ssl_context_factory`` a health check can pickle into its monitor process."""
+    return ssl.create_default_context(cafile=cafile)
+
+
 # Backends -------------------------------------------------------------------------------------
 
 
 class Echo:
-    """Answers with its own address; raises when asked to fail; waits on a gate if given one."""
+    """Answers with its own address; fails (a ConnectionError) when asked to; waits on a gate
+    if given one."""
 
     def __init__(self, addr: str) -> None:
         self.addr = addr
 
     def invoke(self, request: Any, *, timeout: float | None = None) -> str:
         if request == "fail":
-            raise RuntimeError(f"{self.addr} failed on purpose")
+            raise ConnectionError(f"{self.addr} failed on purpose")
         if hasattr(request, "wait"):
             request.wait(30)
         elif isinstance(request, float):
@@ -409,7 +444,7 @@ def call_then_scrape(balancer: Balancer, calls: int, others_done: Any, out: Any)
     """A worker that makes `calls` calls (every third one fails), then, once the other
     workers are done, scrapes the balancer's metrics itself."""
     for i in range(calls):
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(ConnectionError):
             balancer.invoke("fail" if i % 3 == 0 else None)
     others_done.wait(30)
     out.put(scrape(balancer.name))
@@ -418,7 +453,7 @@ def call_then_scrape(balancer: Balancer, calls: int, others_done: Any, out: Any)
 
 def call_with_failures(balancer: Balancer, calls: int) -> None:
     for i in range(calls):
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(ConnectionError):
             balancer.invoke("fail" if i % 3 == 0 else None)
     balancer.close()
 
@@ -495,6 +530,6 @@ def probe_env(addr: str) -> bool:
 def fail_many(balancer: Balancer, calls: int) -> None:
     """`calls` calls that fail (`Echo` raises on "fail")."""
     for _ in range(calls):
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(ConnectionError):
             balancer.invoke("fail")
     balancer.close()

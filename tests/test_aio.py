@@ -5,6 +5,7 @@ timings."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import multiprocessing
 import os
@@ -16,21 +17,55 @@ from typing import Any
 
 import pytest
 
-from dispatcher import BackendError, Balancer, HttpRequest
+from dispatcher import (
+    BackendError,
+    Balancer,
+    ConnectError,
+    HttpHeaders,
+    HttpRequest,
+    InvalidRequest,
+    ReadTimeout,
+    TLSError,
+)
 from dispatcher import _layout as L
 from dispatcher._layout import H_LOCK_PID
 from dispatcher._state import GENERATION
 from dispatcher.aio import AsyncBackend, AsyncHttpBackend, aclose
-from tests.helpers import hold_retries, totals, wait_for
+from tests.helpers import (
+    TlsServer,
+    client_context,
+    free_port,
+    hold_retries,
+    server_context,
+    totals,
+    wait_for,
+)
 
-pytest.importorskip("httpx")
+pytest.importorskip("aiohttp")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self) -> None:
         status = 503 if self.path == "/fail" else 200
+        if self.path == "/slow":
+            time.sleep(0.5)
         body = str(self.server.server_address[1]).encode()
+        if self.path == "/host":
+            body = str(self.headers["Host"]).encode()
         self.send_response(status)
+        self.send_header("Content-type", "text/plain")
+        self.send_header("Set-Cookie", "a=1")
+        self.send_header("set-cookie", "b=2")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(ConnectionError):  # a client that timed out has gone
+            self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -89,6 +124,84 @@ def test_a_5xx_is_a_failure_and_ends_the_call(http_addrs: list[str]) -> None:
 
         asyncio.run(main())
         assert totals(balancer) == (1, 1, 0)
+
+
+def test_answers_headers_failures_and_timeouts(http_addrs: list[str]) -> None:
+    backend = AsyncHttpBackend(http_addrs[0])
+
+    async def main() -> None:
+        try:
+            answer = await backend.ainvoke(HttpRequest("GET", "/"))
+            assert isinstance(answer.headers, HttpHeaders)
+            assert answer.headers.get("content-type") == "text/plain"
+            assert answer.headers.get_all("SET-COOKIE") == ["a=1", "b=2"]
+            posted = await backend.ainvoke(HttpRequest("POST", "/", {"X-A": "1"}, b"hello"))
+            assert posted.body == b"hello"
+            with pytest.raises(BackendError) as failed:
+                await backend.ainvoke(HttpRequest("GET", "/fail"))
+            assert failed.value.response is not None and failed.value.response.status == 503
+            assert failed.value.response.headers["set-cookie"] == "a=1, b=2"
+            with pytest.raises(ReadTimeout):
+                await backend.ainvoke(HttpRequest("GET", "/slow"), timeout=0.05)
+            nobody = AsyncHttpBackend(f"127.0.0.1:{free_port()}")
+            try:
+                with pytest.raises(ConnectError):
+                    await nobody.ainvoke(HttpRequest("GET", "/"))
+            finally:
+                await nobody.aclose()
+        finally:
+            await backend.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_request_counts_nothing(http_addrs: list[str]) -> None:
+    with Balancer(http_addrs, backend_factory=AsyncHttpBackend, monitor=False) as balancer:
+        before = balancer.snapshot()
+        with pytest.raises(InvalidRequest):
+            asyncio.run(balancer.ainvoke(HttpRequest("GET", "users")))
+        assert balancer.snapshot() == before
+
+
+@pytest.fixture(scope="module")
+def ca() -> Any:
+    return pytest.importorskip("trustme").CA()
+
+
+def test_https_with_server_hostname_and_a_certificate_that_fails(
+    serve: Callable[..., Any], ca: Any
+) -> None:
+    named = serve(_Handler, cls=TlsServer, context=server_context(ca, "api.test")).addr
+    trusted = client_context(ca)
+    stranger = client_context(pytest.importorskip("trustme").CA())
+
+    def factory(addr: str) -> AsyncHttpBackend:
+        if addr == "127.0.0.1:1":  # an alias of the named server, with a context that fails
+            return AsyncHttpBackend(named, ssl_context=stranger, server_hostname="api.test")
+        return AsyncHttpBackend(addr, ssl_context=trusted, server_hostname="api.test")
+
+    with Balancer(
+        [named, "127.0.0.1:1"], backend_factory=factory, strategy="round_robin", monitor=False
+    ) as balancer:
+
+        async def main() -> list[bytes]:
+            bodies = []
+            try:
+                for _ in range(4):
+                    try:
+                        bodies.append((await balancer.ainvoke(HttpRequest("GET", "/host"))).body)
+                    except TLSError as exc:
+                        assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
+            finally:
+                await aclose(balancer)
+            return bodies
+
+        port = named.rpartition(":")[2]
+        assert asyncio.run(main()) == [f"api.test:{port}".encode()] * 2
+        assert {s.addr: (s.requests, s.failures) for s in balancer.snapshot()} == {
+            named: (2, 0),
+            "127.0.0.1:1": (2, 2),
+        }
 
 
 def test_cancelled_calls_end_without_counting_as_failures() -> None:

@@ -102,8 +102,10 @@ def test_no_object_is_offered_under_two_public_module_paths() -> None:
         "dispatcher.discovery",
         "dispatcher.errors",
         "dispatcher.gunicorn",
+        "dispatcher.httpx",
         "dispatcher.otel",
         "dispatcher.prometheus",
+        "dispatcher.requests",
         "dispatcher.servers",
     ]
     paths: dict[int, list[str]] = {}
@@ -146,7 +148,14 @@ def exception_types() -> list[type[BaseException]]:
 
 
 SAMPLES: dict[str, Callable[[], BaseException]] = {
-    "BackendError": lambda: errors.BackendError("h:1", "HTTP 503", status=503),
+    "BackendError": lambda: errors.BackendError(
+        "h:1", "HTTP 503", status=503, response=dispatcher.HttpResponse(503, {"A": "1"}, b"x")
+    ),
+    "ConnectError": lambda: errors.ConnectError("h:1", "connecting: refused"),
+    "ConnectTimeout": lambda: errors.ConnectTimeout("h:1", "connecting: timed out"),
+    "TLSError": lambda: errors.TLSError("h:1", "TLS handshake: certificate verify failed"),
+    "ReadTimeout": lambda: errors.ReadTimeout("h:1", "waiting for the answer: timed out"),
+    "ProtocolError": lambda: errors.ProtocolError("h:1", "RemoteDisconnected"),
     "DuplicateBackend": lambda: errors.DuplicateBackend("h:1"),
     "UnknownBackend": lambda: errors.UnknownBackend("h:1"),
     "OptionMismatch": lambda: errors.OptionMismatch("api", "capacity", "16", "8"),

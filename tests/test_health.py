@@ -129,7 +129,7 @@ def test_panic_routes_to_every_backend_when_too_few_are_eligible() -> None:
         addrs, backend_factory=Echo, failure_threshold=1, max_ejected_percent=100, monitor=False
     ) as b:
         for _ in range(3):  # three different backends fail once each: 1 of 4 left
-            with pytest.raises(RuntimeError):
+            with pytest.raises(ConnectionError):
                 b.invoke("fail")
         assert sum(s.ejected for s in b.snapshot()) == 3
         # Below 50% eligible: every registered backend takes calls again.

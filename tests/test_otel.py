@@ -63,7 +63,7 @@ def test_instruments_report_every_processs_calls() -> None:
         found = points(reader)
         shared = {s.addr: s for s in balancer.snapshot()}
         for _ in range(4):  # two in a row on each: one backend is ejected
-            with pytest.raises(RuntimeError):
+            with pytest.raises(ConnectionError):
                 balancer.invoke("fail")
         later = points(reader)
         instruments.close()

@@ -39,7 +39,7 @@ def test_submit_map_and_context_manager(balancer: Balancer, method: str) -> None
 
 def test_backend_errors_reach_the_future(balancer: Balancer) -> None:
     with WorkerPool(balancer, 1, mp_context=multiprocessing.get_context("fork")) as pool:
-        with pytest.raises(RuntimeError, match="failed on purpose"):
+        with pytest.raises(ConnectionError, match="failed on purpose"):
             pool.submit("fail").result(timeout=30)
         assert pool.submit(None, key="user-1").result(timeout=30) in ADDRS
 

@@ -71,7 +71,7 @@ def test_the_metrics_of_one_process_are_its_shared_numbers() -> None:
         for _ in range(4):
             balancer.invoke(None)
         for _ in range(4):  # two in a row on each backend: the first fails twice, ejected
-            with pytest.raises(RuntimeError):
+            with pytest.raises(ConnectionError):
                 balancer.invoke("fail")
         text = helpers.scrape(balancer.name)
         stats = {s.addr: s for s in balancer.snapshot()}

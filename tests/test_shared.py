@@ -121,6 +121,21 @@ def test_the_same_call_in_a_process_returns_the_same_balancer(scope: str) -> Non
     assert left(files) == files
 
 
+def test_the_failure_rule_is_each_handles_own(scope: str) -> None:
+    lenient = Balancer.shared(
+        "shared", ADDRS, scope=scope, backend_factory=Echo, counts_as_failure=()
+    )
+    strict = Balancer.shared("shared", ADDRS, scope=scope, backend_factory=Echo)
+    assert strict is not lenient and strict.name == lenient.name
+    with pytest.raises(ConnectionError):
+        lenient.invoke("fail")  # not a failure under its rule: an answer
+    assert sum(stats.failures for stats in strict.snapshot()) == 0
+    with pytest.raises(ConnectionError):
+        strict.invoke("fail")
+    assert sum(stats.failures for stats in lenient.snapshot()) == 1
+    assert sum(stats.requests for stats in lenient.snapshot()) == 2
+
+
 def _name_in_child(balancer: Balancer, named: str, out: Any) -> None:
     again = Balancer.shared("shared", ADDRS, scope=named, backend_factory=Echo)
     out.put((again is balancer, again.name, again.invoke(None) in ADDRS))
