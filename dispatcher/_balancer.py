@@ -226,7 +226,7 @@ class Balancer:
         *,
         scope: str | None = None,
         backend_factory: BackendFactory = HttpBackend,
-        strategy: str | Strategy = "round_robin",
+        strategy: str | Strategy = "least_loaded",
         capacity: int = 64,
         max_workers: int = 128,
         failure_threshold: int = 5,
