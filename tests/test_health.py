@@ -140,7 +140,11 @@ def test_retries_go_to_different_backends(monkeypatch: pytest.MonkeyPatch) -> No
     addrs = [f"10.0.3.{i}:80" for i in range(1, 6)]
     monkeypatch.setenv("DISPATCHER_TEST_FAILING", ",".join(addrs[:3]))
     with Balancer(
-        addrs, backend_factory=helpers.FailingOn, failure_threshold=100, monitor=False
+        addrs,
+        backend_factory=helpers.FailingOn,
+        strategy="round_robin",  # each failing backend comes first in turn
+        failure_threshold=100,
+        monitor=False,
     ) as b:
         for _ in range(10):
             assert b.invoke(None, retries=3) in addrs[3:]

@@ -163,7 +163,7 @@ class Custom:
 DIFFERENT = [
     ("capacity", 16),
     ("max_workers", 8),
-    ("strategy", "least_loaded"),
+    ("strategy", "round_robin"),
     ("strategy", Custom()),
     ("failure_threshold", 3),
     ("ejection_seconds", 5.0),
