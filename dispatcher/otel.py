@@ -31,7 +31,7 @@ the recent window (`BackendStats.p50`, ``p90``, ``p99``, about the last 10 s), o
 in the window. An OpenTelemetry Prometheus exporter names the instruments as
 `dispatcher.prometheus` does (``dispatcher_backend_requests_total``...).
 
-`opentelemetry-api` is an optional dependency (``pip install 'dispatcher[otel]'``);
+`opentelemetry-api` is an optional dependency (``pip install 'dispatcher-lb[otel]'``);
 ``import dispatcher`` never imports this module.
 """
 
@@ -82,7 +82,7 @@ class BalancerMetrics:
     ) -> None:
         if metrics is None:
             raise ModuleNotFoundError(
-                "BalancerMetrics needs opentelemetry-api: pip install 'dispatcher[otel]'",
+                "BalancerMetrics needs opentelemetry-api: pip install 'dispatcher-lb[otel]'",
                 name="opentelemetry",
             )
         if isinstance(balancer, Balancer):

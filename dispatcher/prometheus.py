@@ -34,7 +34,7 @@ state keeps bucket counts, not a total of latencies. ``histogram_quantile`` work
 buckets; the count of calls is ``dispatcher_backend_requests_total``. Counters restart from 0
 when a backend is registered again.
 
-`prometheus_client` is an optional dependency (``pip install 'dispatcher[prometheus]'``);
+`prometheus_client` is an optional dependency (``pip install 'dispatcher-lb[prometheus]'``);
 ``import dispatcher`` never imports this module.
 """
 
@@ -90,7 +90,7 @@ class BalancerCollector:
     def __init__(self, balancer: Balancer | str, *, label: str | None = None) -> None:
         if CounterMetricFamily is None:
             raise ModuleNotFoundError(
-                "BalancerCollector needs prometheus_client: pip install 'dispatcher[prometheus]'",
+                "BalancerCollector needs prometheus_client: pip install 'dispatcher-lb[prometheus]'",
                 name="prometheus_client",
             )
         if isinstance(balancer, Balancer):
