@@ -90,7 +90,8 @@ class BalancerCollector:
     def __init__(self, balancer: Balancer | str, *, label: str | None = None) -> None:
         if CounterMetricFamily is None:
             raise ModuleNotFoundError(
-                "BalancerCollector needs prometheus_client: pip install 'dispatcher-lb[prometheus]'",
+                "BalancerCollector needs prometheus_client: "
+                "pip install 'dispatcher-lb[prometheus]'",
                 name="prometheus_client",
             )
         if isinstance(balancer, Balancer):
