@@ -407,7 +407,7 @@ class Balancer:
 
         From the moment `_begin` counts the call until its end is recorded, every exit (the
         backend's exception, an interrupt anywhere) goes through an ``except`` clause that
-        sees ``call[GENERATION]``, so no call stays counted (see `_lock` and `end_later`).
+        sees ``call[GENERATION]``, so no call stays counted (see `_lock` and `settle`).
         """
         state = self._state
         call: list[Any] = [-1, UNCOUNTED, None, 0]
@@ -427,11 +427,15 @@ class Balancer:
                 try:
                     outcome = FAILURE if self._is_failure(exc) else SUCCESS
                 finally:
-                    state.end_later(call, outcome)
+                    # Queued before any function is entered: an interrupt at an entry would
+                    # otherwise drop the call (see `_lock`); `settle` records it.
+                    state.unfinished.append((call, outcome))
+                state.settle()
             raise
         except BaseException:
             if call[GENERATION] >= 0:
-                state.end_later(call, CANCELLED)
+                state.unfinished.append((call, CANCELLED))
+                state.settle()
             raise
 
     async def _aattempt(
@@ -480,7 +484,8 @@ class Balancer:
     def _abandon(self, call: list[Any]) -> None:
         """End a call counted on a thread after its caller, on an event loop, was cancelled."""
         if call[GENERATION] >= 0:
-            self._state.end_later(call, CANCELLED)
+            self._state.unfinished.append((call, CANCELLED))
+            self._state.settle()
 
     def _invoke_with_retries(
         self, request: Any, timeout: float | None, key: int | None, retries: int

@@ -239,10 +239,12 @@ class SharedState:
 
     def use_row(self, base: int) -> None:
         """Count this process's calls in the worker row whose slot 0 is word `base` (-1: none)."""
-        self.own_row = base
-        self._own_col = self._slice(self._words, base) if base >= 0 else self._no_row
+        column = self._slice(self._words, base) if base >= 0 else self._no_row
+        # Only stores from here: no interrupt can leave `own_row` set with the column unset.
+        self._own_col = column
         if self._hot is not None:
             self._hot.own_row = base
+        self.own_row = base
 
     def release_views(self) -> None:
         """Drop every view of the buffer, so the segment can be closed.
@@ -485,14 +487,12 @@ class SharedState:
 
         self._locked(update)
 
-    def end_later(self, call: list[Any], outcome: int) -> None:
-        """Record `call`'s end, surely: queued first, so that an interrupt while it is being
-        recorded leaves it for the next `settle` instead of counted forever."""
-        self.unfinished.append((call, outcome))
-        self.settle()
-
     def settle(self, blocking: bool = True) -> None:
-        """Record the ends queued by `end_later`. Each is recorded once, whoever gets to it."""
+        """Record the ends queued in `unfinished`. Each is recorded once, whoever gets to it.
+
+        A call's end is queued before anything is called to record it: an interrupt raised
+        at a function's entry (see `_lock`) then leaves it queued for the next `settle`
+        instead of counted forever."""
         unfinished = self.unfinished
         while unfinished:
             try:

@@ -35,7 +35,7 @@ from dispatcher import (
 )
 from dispatcher import _layout as L
 from dispatcher import _segment as segment
-from tests.helpers import Echo
+from tests.helpers import Echo, as_another_process
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -341,6 +341,75 @@ def test_interrupts_leave_no_call_counted_and_no_lock_held(period: float) -> Non
         assert totals(owner) == (0, 0)
         assert lock_is_free(owner)
         assert owner._state.retries() == 0
+
+
+class InterruptAt:
+    """Raise KeyboardInterrupt once, where a signal handler could: on entering `name` of
+    `owner` (a function's entry is where CPython runs pending handlers)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+        real = getattr(owner, name)
+
+        def interrupted(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(owner, name, real)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(owner, name, interrupted)
+
+
+def test_an_interrupt_while_a_row_is_taken_leaves_no_call_outside_the_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as owner:
+        with as_another_process(owner):
+            worker = Balancer.attach(owner.name, backend_factory=Echo)
+        InterruptAt(monkeypatch, type(worker._state), "_slice")  # inside `use_row`
+        with pytest.raises(KeyboardInterrupt):
+            worker.invoke(None)
+        seen: list[tuple[int, int]] = []
+        worker._factory = lambda addr: Probe(lambda: seen.append(totals(owner)))
+        worker._proxies.clear()
+        worker.invoke(None)
+        assert seen == [(1, 1)]  # the call in flight is in this process's row too
+        worker.close()
+        assert totals(owner) == (0, 0)
+
+
+def test_an_interrupt_on_the_way_to_record_an_end_leaves_the_end_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with Balancer(ADDRS, backend_factory=Echo, monitor=False) as owner:
+        state = owner._state
+        real_finish = state.finish
+
+        def interrupt_next_entry(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":  # the first function entered after the interrupt
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+        def finish(*args: Any) -> None:  # the call is counted, then interrupted
+            monkeypatch.setattr(state, "finish", real_finish)
+            sys.setprofile(interrupt_next_entry)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(state, "finish", finish)
+        with pytest.raises(KeyboardInterrupt):
+            owner.invoke(None)
+        assert totals(owner) == (1, 1) and len(state.unfinished) == 1
+        owner.invoke(None)  # the next call settles what was queued
+        assert totals(owner) == (0, 0) and state.unfinished == []
+
+
+class Probe(Echo):
+    """`Echo` that runs `look` while its call is in flight."""
+
+    def __init__(self, look: Any) -> None:
+        super().__init__("probe")
+        self.look = look
+
+    def invoke(self, request: Any, *, timeout: float | None = None) -> Any:
+        self.look()
+        return request
 
 
 def recovering_under_interrupts(name: str, rounds: int) -> None:
