@@ -75,6 +75,10 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     PyObject *buffer, *semaphore, *commit, *finish, *owner, *ended;
     Py_ssize_t capacity;
     long long draining;
+    if (self->words != NULL) { /* before parsing, which writes the offsets in place */
+        PyErr_SetString(PyExc_RuntimeError, "HotPath is already initialised");
+        return -1;
+    }
     if (!PyArg_ParseTupleAndKeywords(
             args, kwds, "$OOOOO(nnn)(nnnnnnnn)nLO!(nnn)", names, &buffer, &semaphore, &commit,
             &finish, &owner, &self->h_lock_pid, &self->h_version, &self->h_cursor,
@@ -90,10 +94,6 @@ HotPath_init(HotPath *self, PyObject *args, PyObject *kwds)
     }
     self->t_size = 1 + (self->t_slot > self->t_generation ? self->t_slot : self->t_generation);
     self->t_size = self->t_size > self->t_start ? self->t_size : self->t_start + 1;
-    if (self->words != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "HotPath is already initialised");
-        return -1;
-    }
     PyObject *handle = PyObject_GetAttrString(semaphore, "handle");
     if (handle == NULL) {
         return -1;
@@ -343,12 +343,13 @@ HotPath_finish(HotPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject 
     int64_t now = 0, bucket = -1;
     double ewma = 0.0;
     if (start != 0) {
-        if (now_ns(self, &now) < 0 || self->words == NULL) {
+        if (now_ns(self, &now) < 0 || self->words == NULL ||
+            PyList_GET_SIZE(call) < self->t_size) {
             Py_DECREF(ticket);
             if (PyErr_Occurred()) {
                 return NULL;
             }
-            goto python; /* closed by the clock's code */
+            goto python; /* the clock's code closed the state or changed the call */
         }
         int64_t latency = now - start;
         bucket = self->histogram + slot * buckets + bucket_of(latency);
@@ -549,28 +550,37 @@ EqualScan_dealloc(EqualScan *self)
 #define INCREMENT 1442695040888963407ULL
 #define MASK 0x7fffffffffffffffULL
 
-/* `_draw_idle` (`low` 0) and `_draw_least`: a slot counting `low`, drawn; -1 if none does. */
+/* `_draw_idle` (`low` 0) or `_draw_least`'s draws, then `_nth`: a slot counting `low`, each
+ * as likely; -1 if none does. */
 static Py_ssize_t
 draw(const volatile int64_t *counts, Py_ssize_t n, int64_t low, int64_t *turns)
 {
     uint64_t state = (uint64_t)turns[1];
-    Py_ssize_t i = 0;
     for (int k = 0; k < DRAWS; k++) {
         state = (state * MULTIPLIER + INCREMENT) & MASK;
-        i = (Py_ssize_t)((state >> 31) % (uint64_t)n);
+        Py_ssize_t i = (Py_ssize_t)((state >> 31) % (uint64_t)n);
         if (counts[i] == low) {
             turns[1] = (int64_t)state;
             return i;
         }
     }
     turns[1] = (int64_t)state;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        Py_ssize_t j = i + k < n ? i + k : i + k - n;
-        if (counts[j] == low) {
-            return j;
+    Py_ssize_t tied = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        tied += counts[i] == low;
+    }
+    if (tied == 0) {
+        return -1;
+    }
+    state = (state * MULTIPLIER + INCREMENT) & MASK;
+    turns[1] = (int64_t)state;
+    Py_ssize_t rank = (Py_ssize_t)((state >> 31) % (uint64_t)tied);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (counts[i] == low && rank-- == 0) {
+            return i;
         }
     }
-    return -1;
+    return -1; /* the counts moved meanwhile */
 }
 
 /* pick(in_flight) -> slot: the calls in flight by slot, as a buffer of int64. */

@@ -313,7 +313,8 @@ class _Scan:
     from ``turns[0]``: one comparison of the counts' bytes, whatever the number of backends.
     Otherwise a tied backend is drawn at random from ``turns[1]``, the state of a small
     generator that the compiled core steps the same way: a few draws almost always land on a
-    tied backend, and only when they all miss is the first tied one after the last draw taken.
+    tied backend, and only when they all miss (few are tied) are the tied ones counted and
+    one of them drawn.
     A draw, not the next tied one after a pointer: that would give a busy backend's turns to
     its neighbour, doubling the neighbour's share (`scripts/simulate.py` shows it in the
     tails). Each process starts at random points, so workers that start at once do not pick
@@ -389,18 +390,22 @@ class LeastLoaded:
             counts = list(map(add, scan.read(view.in_flight), scan.read(view.penalties)))
         elif scan.fast is not None:
             return scan.fast(view.in_flight)
+        elif scan.span is not None:
+            # `span` is set only for shared counts: a memoryview, with `tobytes`.
+            raw = view.in_flight[scan.span].tobytes()  # type: ignore[attr-defined]
+            turns = scan.turns
+            if raw == scan.idle:
+                i = turns[0] % len(slots)
+                turns[0] = i + 1
+                return slots[i]
+            i = _draw_idle(raw, turns)
+            if i >= 0:
+                return slots[i]
+            counts = list(scan.read(view.in_flight))
+            i = _nth(counts, 0, turns)
+            if i >= 0:
+                return slots[i]
         else:
-            if scan.span is not None:
-                # `span` is set only for shared counts: a memoryview, with `tobytes`.
-                raw = view.in_flight[scan.span].tobytes()  # type: ignore[attr-defined]
-                turns = scan.turns
-                if raw == scan.idle:
-                    i = turns[0] % len(slots)
-                    turns[0] = i + 1
-                    return slots[i]
-                i = _draw_idle(raw, turns)
-                if i >= 0:
-                    return slots[i]
             counts = list(scan.read(view.in_flight))
         return slots[_draw_least(counts, scan.turns)]
 
@@ -426,14 +431,13 @@ _MULTIPLIER, _INCREMENT, _MASK = 6364136223846793005, 1442695040888963407, (1 <<
 
 
 def _draw_idle(raw: bytes, turns: array[int]) -> int:
-    """The index of an idle slot in `raw` (counts' bytes), drawn; -1 if none is idle.
+    """The index of an idle slot in `raw` (counts' bytes), drawn; -1 if every draw missed.
 
     The draws step the generator in ``turns[1]`` (Knuth's MMIX constants, modulo 2**63 so
-    the state fits a signed word), as `_draw_least` and the compiled core do.
+    the state fits a signed word), as `_draw_least`, `_nth` and the compiled core do.
     """
     n = len(raw) >> 3
     state = turns[1]
-    i = 0
     for _ in range(DRAWS):
         state = (state * _MULTIPLIER + _INCREMENT) & _MASK
         i = (state >> 31) % n
@@ -441,14 +445,20 @@ def _draw_idle(raw: bytes, turns: array[int]) -> int:
             turns[1] = state
             return i
     turns[1] = state
-    start = i << 3
-    for begin, end in ((start, len(raw)), (0, start)):
-        at = raw.find(IDLE, begin, end + 7)
-        while at >= 0 and at % 8:  # the zero bytes of two neighbours: look on, aligned
-            at = raw.find(IDLE, at + 8 - at % 8, end + 7)
-        if 0 <= at < end:
-            return at >> 3
     return -1
+
+
+def _nth(counts: list[int], low: int, turns: array[int]) -> int:
+    """The index of one of the slots counting `low`, each as likely, for when the draws
+    missed (few are tied); -1 if none is."""
+    k = counts.count(low)
+    if not k:
+        return -1
+    state = turns[1] = (turns[1] * _MULTIPLIER + _INCREMENT) & _MASK
+    i = -1
+    for _ in range((state >> 31) % k + 1):
+        i = counts.index(low, i + 1)
+    return i
 
 
 def _draw_least(counts: list[int], turns: array[int]) -> int:
@@ -461,7 +471,6 @@ def _draw_least(counts: list[int], turns: array[int]) -> int:
         turns[0] = i + 1
         return i
     state = turns[1]
-    i = 0
     for _ in range(DRAWS):
         state = (state * _MULTIPLIER + _INCREMENT) & _MASK
         i = (state >> 31) % n
@@ -469,10 +478,7 @@ def _draw_least(counts: list[int], turns: array[int]) -> int:
             turns[1] = state
             return i
     turns[1] = state
-    try:
-        return counts.index(low, i)
-    except ValueError:
-        return counts.index(low)
+    return _nth(counts, low, turns)
 
 
 def _loads(view: View) -> Sequence[int]:
