@@ -788,6 +788,25 @@ class Balancer:
         return f"<Balancer {self.name or 'unshared'} {state} strategy={self._spec!r}>"
 
 
+def open_for_export(balancer: Balancer | str, label: str | None) -> tuple[Segment, str]:
+    """The segment a metrics exporter reads, from a shared balancer or its name, and the
+    label its numbers carry (the name unless given). The segment then times every call:
+    latency is what metrics are read for."""
+    if isinstance(balancer, Balancer):
+        if not balancer.name:
+            raise TypeError("a Balancer made with shared=False has no segment to export")
+        name = balancer.name
+    elif isinstance(balancer, str):
+        name = balancer
+    else:
+        raise TypeError(f"balancer must be a Balancer or a segment name, not {balancer!r}")
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be a str, not {type(label).__name__}")
+    segment = Segment.open(name)
+    segment.state.record_latency(True)
+    return segment, name if label is None else label
+
+
 def _validate(
     addrs: Iterable[str],
     backend_factory: BackendFactory,

@@ -42,8 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._balancer import Balancer
-from ._segment import Segment
+from ._balancer import Balancer, open_for_export
 from ._view import BackendStats
 from .errors import SegmentError
 
@@ -85,20 +84,8 @@ class BalancerMetrics:
                 "BalancerMetrics needs opentelemetry-api: pip install 'dispatcher-lb[otel]'",
                 name="opentelemetry",
             )
-        if isinstance(balancer, Balancer):
-            if not balancer.name:
-                raise TypeError("a Balancer made with shared=False has no segment to export")
-            name = balancer.name
-        elif isinstance(balancer, str):
-            name = balancer
-        else:
-            raise TypeError(f"balancer must be a Balancer or a segment name, not {balancer!r}")
-        if label is not None and not isinstance(label, str):
-            raise TypeError(f"label must be a str, not {type(label).__name__}")
-        self._segment = Segment.open(name)
-        self._segment.state.record_latency(True)  # latency is what metrics are read for
+        self._segment, self.label = open_for_export(balancer, label)
         self._closed = False
-        self.label = name if label is None else label
         self._lock = threading.Lock()
         self._taken = float("-inf")
         self._stats: list[BackendStats] = []

@@ -44,9 +44,8 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from ._balancer import Balancer
+from ._balancer import Balancer, open_for_export
 from ._latency import BUCKET_BOUNDS
-from ._segment import Segment
 from .errors import SegmentError
 
 try:
@@ -94,20 +93,8 @@ class BalancerCollector:
                 "pip install 'dispatcher-lb[prometheus]'",
                 name="prometheus_client",
             )
-        if isinstance(balancer, Balancer):
-            if not balancer.name:
-                raise TypeError("a Balancer made with shared=False has no segment to export")
-            name = balancer.name
-        elif isinstance(balancer, str):
-            name = balancer
-        else:
-            raise TypeError(f"balancer must be a Balancer or a segment name, not {balancer!r}")
-        if label is not None and not isinstance(label, str):
-            raise TypeError(f"label must be a str, not {type(label).__name__}")
-        self._segment = Segment.open(name)
-        self._segment.state.record_latency(True)  # latency is what metrics are read for
+        self._segment, self.label = open_for_export(balancer, label)
         self._closed = False
-        self.label = name if label is None else label
 
     def describe(self) -> list[Metric]:
         """The metric families, without samples: what a registry checks for clashes."""
