@@ -28,6 +28,16 @@ FAILURE_STATUSES = range(500, 600)
 """The statuses `HttpBackend` raises `BackendError` for, unless told others."""
 
 
+def statuses_of(failure_statuses: Iterable[int] | Container[int]) -> Container[int]:
+    """`failure_statuses` as the HTTP backends keep it: any container of statuses, an
+    iterable made a frozenset once (a generator would be used up by the first check)."""
+    if failure_statuses is not FAILURE_STATUSES and isinstance(failure_statuses, Iterable):
+        failure_statuses = frozenset(failure_statuses)
+    if not isinstance(failure_statuses, Container):
+        raise TypeError(f"failure_statuses must hold statuses, not {failure_statuses!r}")
+    return failure_statuses
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Anything that answers a request: one instance of a downstream service, or a balancer."""
@@ -110,11 +120,7 @@ class HttpBackend:
     ) -> None:
         self.addr = parse_address(addr)
         host, _, port = self.addr.rpartition(":")
-        if failure_statuses is not FAILURE_STATUSES and isinstance(failure_statuses, Iterable):
-            failure_statuses = frozenset(failure_statuses)
-        if not isinstance(failure_statuses, Container):
-            raise TypeError(f"failure_statuses must hold statuses, not {failure_statuses!r}")
-        self._failure_statuses: Container[int] = failure_statuses
+        self._failure_statuses = statuses_of(failure_statuses)
         self._client = HttpClient(
             host,
             int(port),

@@ -21,7 +21,7 @@ from collections.abc import Container, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ._address import parse_address
-from ._backends import FAILURE_STATUSES, HttpRequest, HttpResponse
+from ._backends import FAILURE_STATUSES, HttpRequest, HttpResponse, statuses_of
 from ._balancer import Balancer
 from ._http_client import HttpHeaders
 from .errors import (
@@ -85,9 +85,7 @@ class AsyncHttpBackend:
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {ssl_context!r}")
         self.addr = parse_address(addr)
-        if failure_statuses is not FAILURE_STATUSES and isinstance(failure_statuses, Iterable):
-            failure_statuses = frozenset(failure_statuses)
-        self._failure_statuses: Container[int] = failure_statuses
+        self._failure_statuses = statuses_of(failure_statuses)
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else False
         self._server_hostname = server_hostname
         self._base = f"{'http' if ssl_context is None else 'https'}://{self.addr}"
